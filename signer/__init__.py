@@ -1,0 +1,49 @@
+"""PAdES signing core: sign PDFs with a role's key, a visible seal stamp and a timestamp."""
+
+from ._assets import draw_demo_seal, extract_cjk_font, find_system_font
+from ._docid import is_document_id, new_document_id
+from ._era import JST, format_japanese_datetime, japanese_era_year
+from ._sign import (
+    Placement,
+    SignatureLevel,
+    SigningContext,
+    SignOptions,
+    SignResult,
+    TrustMaterial,
+    sign_pdf,
+)
+from ._stamp import DEFAULT_STAMP_SIZE, MIN_STAMP_SIZE, MM, StampAppearance
+from .errors import (
+    EncryptedPdfError,
+    InvalidPdfError,
+    PlacementError,
+    SigningError,
+    StampAssetError,
+)
+
+__all__ = [
+    "DEFAULT_STAMP_SIZE",
+    "EncryptedPdfError",
+    "InvalidPdfError",
+    "JST",
+    "MIN_STAMP_SIZE",
+    "MM",
+    "Placement",
+    "PlacementError",
+    "SignOptions",
+    "SignResult",
+    "SignatureLevel",
+    "SigningContext",
+    "SigningError",
+    "StampAppearance",
+    "StampAssetError",
+    "TrustMaterial",
+    "draw_demo_seal",
+    "extract_cjk_font",
+    "find_system_font",
+    "format_japanese_datetime",
+    "is_document_id",
+    "japanese_era_year",
+    "new_document_id",
+    "sign_pdf",
+]

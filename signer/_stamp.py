@@ -1,0 +1,142 @@
+"""The visible stamp: the seal image (電子印影) on the left, the position and date on the right."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from PIL import Image
+from pyhanko.pdf_utils import layout
+from pyhanko.pdf_utils.font.opentype import GlyphAccumulatorFactory
+from pyhanko.pdf_utils.images import PdfImage
+from pyhanko.pdf_utils.text import TextBoxStyle
+from pyhanko.stamp import TextStampStyle
+
+from .errors import PlacementError, StampAssetError
+
+__all__ = ["Box", "StampAppearance", "MIN_STAMP_SIZE", "DEFAULT_STAMP_SIZE", "MM"]
+
+Box = tuple[float, float, float, float]
+
+MM = 72 / 25.4  # points per millimetre
+#: Width and height of the default stamp, in points (about 80 × 25 mm).
+DEFAULT_STAMP_SIZE = (228.0, 70.0)
+#: Smaller than this the text would be unreadable once shrunk to fit.
+MIN_STAMP_SIZE = (90.0, 28.0)
+#: Distance of the default stamp from the right and bottom page edges (about 12 mm).
+DEFAULT_STAMP_MARGIN = 34.0
+
+_PADDING = 4.0
+_GAP = 6.0
+_TEXT_SIZE = 8
+_TEXT_COLOR = (0.1, 0.1, 0.1)
+_BORDER_COLOR = (0.55, 0.55, 0.55)
+
+
+@dataclass(frozen=True)
+class StampAppearance:
+    """Static parts of a stamp, loaded once and reused for every document.
+
+    :ivar title_lines: the position as printed, e.g. ("茨城県知事", "Governor of Ibaraki Prefecture").
+    """
+
+    seal_image: Path
+    font_file: Path
+    title_lines: tuple[str, ...] = ("茨城県知事", "Governor of Ibaraki Prefecture")
+
+    @cached_property
+    def seal(self) -> Image.Image:
+        """The seal, decoded once.
+
+        :raises StampAssetError: the image is missing or unreadable.
+        """
+        try:
+            with Image.open(self.seal_image) as image:
+                image.load()
+                return image.convert("RGBA")
+        except (OSError, ValueError) as exc:
+            raise StampAssetError(
+                f"印影画像 {self.seal_image} を読み込めません。",
+                f"Cannot read the seal image {self.seal_image}: {exc}",
+            ) from exc
+
+    @cached_property
+    def font(self) -> GlyphAccumulatorFactory:
+        if not self.font_file.exists():
+            raise StampAssetError(
+                f"フォント {self.font_file} がありません。`koin init` を実行してください。",
+                f"Font {self.font_file} is missing; run `koin init`.",
+            )
+        return GlyphAccumulatorFactory(str(self.font_file), font_size=_TEXT_SIZE)
+
+    def text(self, signed_at: str, document_id: str) -> str:
+        return "\n".join([*self.title_lines, f"署名日時 {signed_at}", f"文書番号 {document_id}"])
+
+    def style_for(self, box: Box) -> TextStampStyle:
+        """A pyHanko stamp style laid out for ``box`` (seal square on the left, text beside)."""
+        height = box[3] - box[1]
+        seal_side = height - 2 * _PADDING
+        text_left = _PADDING + seal_side + _GAP
+        return TextStampStyle(
+            stamp_text="%(stamp_text)s",
+            text_box_style=TextBoxStyle(
+                font=self.font,
+                font_size=_TEXT_SIZE,
+                leading=round(_TEXT_SIZE * 1.45),
+                text_color=_TEXT_COLOR,
+            ),
+            inner_content_layout=layout.SimpleBoxLayoutRule(
+                x_align=layout.AxisAlignment.ALIGN_MIN,
+                y_align=layout.AxisAlignment.ALIGN_MID,
+                margins=layout.Margins(
+                    left=int(text_left), right=int(_PADDING), top=int(_PADDING), bottom=int(_PADDING)
+                ),
+                inner_content_scaling=layout.InnerScaling.SHRINK_TO_FIT,
+            ),
+            background=PdfImage(self.seal),
+            background_layout=layout.SimpleBoxLayoutRule(
+                x_align=layout.AxisAlignment.ALIGN_MIN,
+                y_align=layout.AxisAlignment.ALIGN_MID,
+                margins=layout.Margins.uniform(int(_PADDING)),
+                inner_content_scaling=layout.InnerScaling.SHRINK_TO_FIT,
+            ),
+            background_opacity=1.0,
+            border_width=1,
+            border_color=_BORDER_COLOR,
+        )
+
+
+def default_box(page: Box) -> Box:
+    """Bottom-right corner of the page, inside a margin."""
+    width, height = DEFAULT_STAMP_SIZE
+    right = page[2] - DEFAULT_STAMP_MARGIN
+    bottom = page[1] + DEFAULT_STAMP_MARGIN
+    return (right - width, bottom, right, bottom + height)
+
+
+def check_box(box: Box, page: Box, page_number: int) -> Box:
+    """Normalise ``box`` and make sure it lies on the page and is large enough to read.
+
+    :raises PlacementError: with the page size in the message.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, x2 = sorted((x1, x2))
+    y1, y2 = sorted((y1, y2))
+    page_text = f"{page[0]:g},{page[1]:g},{page[2]:g},{page[3]:g}"
+    if x1 < page[0] or y1 < page[1] or x2 > page[2] or y2 > page[3]:
+        raise PlacementError(
+            f"印影の枠 {x1:g},{y1:g},{x2:g},{y2:g} が {page_number} ページ目"
+            f"({page_text})からはみ出しています。",
+            f"The stamp box {x1:g},{y1:g},{x2:g},{y2:g} lies outside page {page_number} "
+            f"({page_text}).",
+            page=page_number,
+        )
+    min_w, min_h = MIN_STAMP_SIZE
+    if x2 - x1 < min_w or y2 - y1 < min_h:
+        raise PlacementError(
+            f"印影の枠が小さすぎます(幅 {min_w:g}pt・高さ {min_h:g}pt 以上にしてください)。",
+            f"The stamp box is too small to be legible (at least {min_w:g} x {min_h:g} pt).",
+            page=page_number,
+        )
+    return (x1, y1, x2, y2)

@@ -1,0 +1,33 @@
+"""Errors of the signing layer."""
+
+from __future__ import annotations
+
+from keys.errors import KoinError
+
+__all__ = [
+    "InvalidPdfError",
+    "EncryptedPdfError",
+    "PlacementError",
+    "SigningError",
+    "StampAssetError",
+]
+
+
+class SigningError(KoinError):
+    """The document could not be signed."""
+
+
+class InvalidPdfError(SigningError):
+    """The input is not a PDF, is truncated, or its structure (xref) is broken."""
+
+
+class EncryptedPdfError(InvalidPdfError):
+    """The input is encrypted (password or certificate); koin does not sign encrypted PDFs."""
+
+
+class PlacementError(SigningError):
+    """The page number or stamp box does not fit the document."""
+
+
+class StampAssetError(SigningError):
+    """The seal image or stamp font is missing or unusable."""
