@@ -286,7 +286,8 @@ def generate_demo_pki(
         )
     write_public_file(layout.root_cert, _pem(root.certificate))
     write_public_file(layout.issuing_cert, _pem(issuing.certificate))
-    write_public_file(layout.pki_dir / "chain.pem", _pem(issuing.certificate) + _pem(root.certificate))
+    chain = _pem(issuing.certificate) + _pem(root.certificate)
+    write_public_file(layout.pki_dir / "chain.pem", chain)
 
     role_certificates: dict[Role, x509.Certificate] = {}
     for role in Role:

@@ -73,7 +73,8 @@ def resolve_passphrase(home: Path, *, create: bool = False) -> bytes:
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise PassphraseError(
-                f"パスフレーズファイル {path} が他のユーザーから読めます(chmod 600 にしてください)。",
+                f"パスフレーズファイル {path} が他のユーザーから読めます"
+                "(chmod 600 にしてください)。",
                 f"The passphrase file {path} is readable by other users; chmod 600 it.",
             )
         value = path.read_bytes().strip()
@@ -225,7 +226,8 @@ class Pkcs12Backend(KeyBackend):
         registry = SimpleCertificateStore.from_certs(
             [c for c in chain if c.subject != c.issuer]  # intermediates only; roots are anchors
         )
-        return RoleCredentials(role, LocalKeySigner(signing_cert, key, registry), signing_cert, chain)
+        signer = LocalKeySigner(signing_cert, key, registry)
+        return RoleCredentials(role, signer, signing_cert, chain)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "pkcs12", "file": self.path.name}
@@ -261,7 +263,8 @@ class KeyStore:
             ) from exc
         except ValueError as exc:
             raise KeyStoreError(
-                f"鍵ストア {manifest_path} が壊れています。", f"Key store {manifest_path} is corrupt."
+                f"鍵ストア {manifest_path} が壊れています。",
+                f"Key store {manifest_path} is corrupt.",
             ) from exc
         backends: dict[Role, KeyBackend] = {}
         lazy_passphrase: list[bytes] = []

@@ -3,6 +3,7 @@
 from ._assets import draw_demo_seal, extract_cjk_font, find_system_font
 from ._docid import is_document_id, new_document_id
 from ._era import JST, format_japanese_datetime, japanese_era_year
+from ._installation import InitReport, Installation
 from ._sign import (
     Placement,
     SignatureLevel,
@@ -24,6 +25,8 @@ from .errors import (
 __all__ = [
     "DEFAULT_STAMP_SIZE",
     "EncryptedPdfError",
+    "InitReport",
+    "Installation",
     "InvalidPdfError",
     "JST",
     "MIN_STAMP_SIZE",

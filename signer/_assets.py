@@ -111,7 +111,7 @@ def draw_demo_seal(
             glyph = glyph.resize(target, Image.Resampling.LANCZOS)
             x = round(left + (column_width - target[0]) / 2)
             y = round(inner_margin + row * cell_height + (cell_height - target[1]) / 2)
-            solid = Image.new("RGBA", target, SEAL_RED)
+            solid = Image.new("RGBA", (target[0], target[1]), SEAL_RED)
             image.paste(solid, (x, y), glyph)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
@@ -121,7 +121,7 @@ def draw_demo_seal(
 
 def _render_glyph(char: str, font: ImageFont.FreeTypeFont) -> Image.Image:
     """Render one glyph as an alpha mask cropped to its ink."""
-    left, top, right, bottom = font.getbbox(char)
+    left, top, right, bottom = (int(v) for v in font.getbbox(char))
     mask = Image.new("L", (right - left + 8, bottom - top + 8), 0)
     ImageDraw.Draw(mask).text((4 - left, 4 - top), char, font=font, fill=255)
     ink = mask.getbbox()

@@ -36,7 +36,8 @@ def open_for_signing(stream: BinaryIO) -> IncrementalPdfFileWriter:
     stream.seek(max(0, size - HEADER_WINDOW))
     if b"%%EOF" not in stream.read():
         raise InvalidPdfError(
-            "PDF が途中で切れています(末尾に %%EOF がありません)。ファイル全体を送り直してください。",
+            "PDF が途中で切れています(末尾に %%EOF がありません)。"
+            "ファイル全体を送り直してください。",
             "The PDF is truncated (no %%EOF marker at the end); send the complete file.",
             reason="truncated",
         )

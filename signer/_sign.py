@@ -24,6 +24,7 @@ from pyhanko.sign.fields import MDPPerm, SigFieldSpec, SigSeedSubFilter
 from pyhanko.sign.general import SigningError as PyHankoSigningError
 from pyhanko.sign.signers import Signer
 from pyhanko.sign.timestamps import TimeStamper
+from pyhanko.sign.validation import read_certification_data
 from pyhanko_certvalidator import ValidationContext
 from pyhanko_certvalidator.errors import PathBuildingError, PathValidationError
 
@@ -33,7 +34,7 @@ from ._docid import new_document_id
 from ._era import format_japanese_datetime
 from ._pdf_input import open_for_signing, page_box, resolve_page_index
 from ._stamp import Box, StampAppearance, check_box, default_box
-from .errors import SigningError
+from .errors import PlacementError, SigningError
 
 __all__ = [
     "Placement",
@@ -174,6 +175,7 @@ def sign_pdf(
             stream = source
         writer = open_for_signing(stream)
         reader = writer.prev
+        _check_certification(reader, options)
         field_name = options.field_name or _free_field_name(reader)
 
         page_number: int | None = None
@@ -238,6 +240,36 @@ def _check_certificate_validity(signer: Signer, moment: dt.datetime) -> None:
             f"署名用証明書の有効期間({not_before:%Y-%m-%d}〜{not_after:%Y-%m-%d})外です。",
             f"The signing certificate is not valid now (valid {not_before:%Y-%m-%d} to "
             f"{not_after:%Y-%m-%d}).",
+        )
+
+
+def _check_certification(reader: PdfFileReader, options: SignOptions) -> None:
+    """Refuse changes that an existing certification signature (DocMDP) forbids.
+
+    :raises SigningError: the document allows no changes, or only changes that exclude a new
+        visible signature field (P=2 permits signing, but Adobe and pyHanko flag a newly
+        created visible field as a modification).
+    """
+    certification = read_certification_data(reader)
+    if certification is None:
+        return
+    if options.certify:
+        raise SigningError(
+            "既に認証署名がある PDF に認証署名は付けられません。",
+            "The PDF already carries a certification signature; a certification signature "
+            "must be the first signature.",
+        )
+    if certification.permission is MDPPerm.NO_CHANGES:
+        raise SigningError(
+            "この PDF は認証署名により一切の変更が禁止されているため、署名を追加できません。",
+            "The PDF's certification signature forbids any change; no signature can be added.",
+        )
+    if options.placement is not None:
+        raise PlacementError(
+            "認証署名のある PDF には見える印影を追加できません"
+            "(署名は --no-stamp で付けてください)。",
+            "The PDF is certified; a new visible stamp would count as a forbidden change. "
+            "Sign without a stamp (--no-stamp).",
         )
 
 

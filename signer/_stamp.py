@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from pyhanko.pdf_utils import layout
-from pyhanko.pdf_utils.font.opentype import GlyphAccumulatorFactory
+from pyhanko.pdf_utils.font.opentype import GlyphAccumulator, GlyphAccumulatorFactory
 from pyhanko.pdf_utils.images import PdfImage
 from pyhanko.pdf_utils.text import TextBoxStyle
+from pyhanko.pdf_utils.writer import BasePdfFileWriter
 from pyhanko.stamp import TextStampStyle
 
 from .errors import PlacementError, StampAssetError
 
-__all__ = ["Box", "StampAppearance", "MIN_STAMP_SIZE", "DEFAULT_STAMP_SIZE", "MM"]
+__all__ = [
+    "DEFAULT_STAMP_SIZE",
+    "MIN_STAMP_SIZE",
+    "MM",
+    "Box",
+    "InMemoryFontFactory",
+    "StampAppearance",
+]
 
 Box = tuple[float, float, float, float]
 
@@ -35,10 +45,38 @@ _BORDER_COLOR = (0.55, 0.55, 0.55)
 
 
 @dataclass(frozen=True)
+class InMemoryFontFactory(GlyphAccumulatorFactory):
+    """pyHanko's OpenType font factory, reading the font from memory.
+
+    The stock factory opens the file for every stamp and never closes it; this one reads the
+    file once per process.
+    """
+
+    font_data: bytes = b""
+
+    def create_font_engine(
+        self, writer: BasePdfFileWriter, obj_stream: Any = None
+    ) -> GlyphAccumulator:
+        if obj_stream is None and writer.stream_xrefs and self.create_objstream_if_needed:
+            obj_stream = writer.prepare_object_stream()
+        return GlyphAccumulator(
+            writer=writer,
+            font_handle=io.BytesIO(self.font_data),
+            font_size=self.font_size,
+            ot_script_tag=self.ot_script_tag,
+            ot_language_tag=self.ot_language_tag,
+            writing_direction=self.writing_direction,
+            bcp47_lang_code=self.bcp47_lang_code,
+            obj_stream=obj_stream,
+        )
+
+
+@dataclass(frozen=True)
 class StampAppearance:
     """Static parts of a stamp, loaded once and reused for every document.
 
-    :ivar title_lines: the position as printed, e.g. ("茨城県知事", "Governor of Ibaraki Prefecture").
+    :ivar title_lines: the position as printed,
+        e.g. ("茨城県知事", "Governor of Ibaraki Prefecture").
     """
 
     seal_image: Path
@@ -63,12 +101,15 @@ class StampAppearance:
 
     @cached_property
     def font(self) -> GlyphAccumulatorFactory:
-        if not self.font_file.exists():
+        """:raises StampAssetError: the font file is missing."""
+        try:
+            data = self.font_file.read_bytes()
+        except OSError as exc:
             raise StampAssetError(
                 f"フォント {self.font_file} がありません。`koin init` を実行してください。",
                 f"Font {self.font_file} is missing; run `koin init`.",
-            )
-        return GlyphAccumulatorFactory(str(self.font_file), font_size=_TEXT_SIZE)
+            ) from exc
+        return InMemoryFontFactory(str(self.font_file), font_size=_TEXT_SIZE, font_data=data)
 
     def text(self, signed_at: str, document_id: str) -> str:
         return "\n".join([*self.title_lines, f"署名日時 {signed_at}", f"文書番号 {document_id}"])
@@ -90,7 +131,10 @@ class StampAppearance:
                 x_align=layout.AxisAlignment.ALIGN_MIN,
                 y_align=layout.AxisAlignment.ALIGN_MID,
                 margins=layout.Margins(
-                    left=int(text_left), right=int(_PADDING), top=int(_PADDING), bottom=int(_PADDING)
+                    left=int(text_left),
+                    right=int(_PADDING),
+                    top=int(_PADDING),
+                    bottom=int(_PADDING),
                 ),
                 inner_content_scaling=layout.InnerScaling.SHRINK_TO_FIT,
             ),

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.content import PdfResources
-from pyhanko.pdf_utils.font.opentype import GlyphAccumulatorFactory
 from pyhanko.pdf_utils.text import TextBox, TextBoxStyle
 from pyhanko.pdf_utils.writer import PageObject, PdfFileWriter
 
 from ._era import japanese_era_year
+from ._stamp import InMemoryFontFactory
 
 __all__ = ["A4", "make_permit_pdf"]
 
@@ -63,7 +63,7 @@ def make_permit_pdf(
     """A one-or-more page A4 permit notice (建設業許可通知書) in Japanese."""
     issued = issued or dt.date.today()
     writer = PdfFileWriter()
-    font = GlyphAccumulatorFactory(str(font_file), font_size=11)
+    font = InMemoryFontFactory(str(font_file), font_size=11, font_data=font_file.read_bytes())
     style = TextBoxStyle(font=font, font_size=11, leading=20)
     for page in range(1, pages + 1):
         resources = PdfResources()

@@ -1,33 +1,43 @@
-"""Shared fixtures: one generated demo PKI per test session, real servers on loopback."""
+"""Shared fixtures: one generated demo installation per test session, real validators."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from asn1crypto import x509 as asn1_x509
 
 import keys
+from signer import Installation
+from signer.samples import make_permit_pdf
+from tests.validators import make_nss_db
 
 PUBLIC_URL = "http://127.0.0.1:8000"
 PASSPHRASE = "test-passphrase-not-secret"
 
+# The suite controls the key passphrase itself (via the 0600 file in each KOIN_HOME).
+os.environ.pop("KOIN_KEY_PASSPHRASE", None)
+os.environ.pop("KOIN_TSA_URLS", None)
+
+
+def write_passphrase_file(home: Path, passphrase: str = PASSPHRASE) -> None:
+    keys.write_private_file(home / "keys" / "passphrase", passphrase.encode() + b"\n")
+
 
 @pytest.fixture(scope="session")
 def koin_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A `KOIN_HOME` with the demo PKI (root → issuing CA → position / witness / TSA)."""
+    """A `KOIN_HOME` with the demo PKI (root → issuing CA → position / witness / TSA),
+    the stamp font and the demo seal."""
     home = tmp_path_factory.mktemp("koin-home")
-    old = os.environ.get("KOIN_KEY_PASSPHRASE")
-    os.environ["KOIN_KEY_PASSPHRASE"] = PASSPHRASE
-    try:
-        keys.ensure_demo_pki(home, PUBLIC_URL)
-    finally:
-        if old is None:
-            del os.environ["KOIN_KEY_PASSPHRASE"]
-        else:
-            os.environ["KOIN_KEY_PASSPHRASE"] = old
+    write_passphrase_file(home)
+    Installation(home, public_url=PUBLIC_URL).initialize()
     return home
+
+
+@pytest.fixture(scope="session")
+def installation(koin_home: Path) -> Installation:
+    return Installation(koin_home, public_url=PUBLIC_URL)
 
 
 @pytest.fixture(scope="session")
@@ -41,12 +51,33 @@ def root_pem(koin_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def root_cert(root_pem: Path) -> asn1_x509.Certificate:
+    return keys.load_certificates([root_pem])[0]
+
+
+@pytest.fixture(scope="session")
 def chain_pem(koin_home: Path) -> Path:
     """Issuing CA + root, PEM."""
     return koin_home / "pki" / "chain.pem"
 
 
+@pytest.fixture(scope="session")
+def nss_db(tmp_path_factory: pytest.TempPathFactory, root_pem: Path) -> Path:
+    return make_nss_db(tmp_path_factory.mktemp("nssdb"), root_pem)
+
+
+@pytest.fixture(scope="session")
+def permit_pdf(installation: Installation) -> bytes:
+    return make_permit_pdf(installation.font_file, pages=2)
+
+
+@pytest.fixture(scope="session")
+def one_page_permit(installation: Installation) -> bytes:
+    return make_permit_pdf(installation.font_file, pages=1)
+
+
 @pytest.fixture
-def passphrase_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def passphrase_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Provide the passphrase through KOIN_KEY_PASSPHRASE instead of the file."""
     monkeypatch.setenv("KOIN_KEY_PASSPHRASE", PASSPHRASE)
-    yield PASSPHRASE
+    return PASSPHRASE
