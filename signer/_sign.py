@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -45,6 +46,17 @@ __all__ = [
     "TrustMaterial",
     "sign_pdf",
 ]
+
+log = logging.getLogger(__name__)
+
+
+def _not_the_no_fetching_notice(record: logging.LogRecord) -> bool:
+    # pyHanko warns on every B-LT signature that fetching is off; for us that is by design
+    # (all CRLs and certificates come from our own PKI), so the warning would only be noise.
+    return "fetching is not allowed" not in record.getMessage()
+
+
+logging.getLogger("pyhanko.sign.signers.pdf_signer").addFilter(_not_the_no_fetching_notice)
 
 DEFAULT_REASON = "公印に代わる電子署名"
 DEFAULT_LOCATION = "Ibaraki Prefecture"
