@@ -14,15 +14,37 @@ from ._sign import (
     sign_pdf,
 )
 from ._stamp import DEFAULT_STAMP_SIZE, MIN_STAMP_SIZE, MM, StampAppearance
+from ._verify import (
+    Change,
+    ChangeKind,
+    CertificateInfo,
+    Indication,
+    Report,
+    SignatureReport,
+    SubIndication,
+    VerifyPolicy,
+    verify_pdf,
+)
 from .errors import (
     EncryptedPdfError,
     InvalidPdfError,
     PlacementError,
     SigningError,
     StampAssetError,
+    VerifyInputError,
 )
 
 __all__ = [
+    "CertificateInfo",
+    "Change",
+    "ChangeKind",
+    "Indication",
+    "Report",
+    "SignatureReport",
+    "SubIndication",
+    "VerifyInputError",
+    "VerifyPolicy",
+    "verify_pdf",
     "DEFAULT_STAMP_SIZE",
     "EncryptedPdfError",
     "InitReport",

@@ -21,6 +21,7 @@ from keys import KeyStore, PkiLayout, Role
 from ._assets import draw_demo_seal, extract_cjk_font
 from ._sign import SigningContext, TrustMaterial
 from ._stamp import StampAppearance
+from ._verify import VerifyPolicy
 
 __all__ = ["Installation", "InitReport", "TITLE_LINES"]
 
@@ -116,6 +117,15 @@ class Installation:
             for path in sorted(layout.pki_dir.glob("*.crl"))
         ]
         return TrustMaterial(roots, intermediates, crls)
+
+    def verify_policy(self, *, max_bytes: int | None = None) -> VerifyPolicy:
+        """Trust anchors (``pki/trust/*.pem``: our root plus configured extra roots such as
+        LGPKI), our CA certificates and our current CRLs. Nothing else is ever fetched."""
+        trust = self.trust_material()
+        policy = VerifyPolicy(trust.roots, trust.intermediates, trust.crls)
+        if max_bytes is not None:
+            policy = VerifyPolicy(trust.roots, trust.intermediates, trust.crls, max_bytes)
+        return policy
 
     def timestamper(self, tsa_urls: Sequence[str] = ()) -> TimeStamper:
         """A TSA client for ``tsa_urls`` (tried in order), or the in-process TSA when empty.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from keys.errors import KoinError
 
 __all__ = [
+    "VerifyInputError",
     "InvalidPdfError",
     "EncryptedPdfError",
     "PlacementError",
@@ -31,3 +32,16 @@ class PlacementError(SigningError):
 
 class StampAssetError(SigningError):
     """The seal image or stamp font is missing or unusable."""
+
+
+class VerifyInputError(KoinError):
+    """A file offered for verification cannot be verified at all (too large, not a PDF,
+    unreadable, encrypted). ``status`` is the HTTP status a web front end should answer."""
+
+    @property
+    def status(self) -> int:
+        return int(self.fields.get("status", 422))
+
+    @property
+    def reason(self) -> str:
+        return str(self.fields.get("reason", "invalid"))

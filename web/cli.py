@@ -183,6 +183,46 @@ def sign(
         )
 
 
+@cli.command()
+@click.argument("pdf", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--max-mib", type=int, default=50, show_default=True, help="Size limit.")
+@click.pass_obj
+def verify(settings: Settings, pdf: Path, as_json: bool, max_mib: int) -> None:
+    """Verify every signature in PDF.
+
+    Exit codes: 0 PASSED; 1 FAILED or INDETERMINATE; 2 the file could not be verified at all
+    (not a PDF, encrypted, too large, unreadable) or a usage error.
+    """
+    from signer import VerifyInputError, verify_pdf
+
+    english = settings.language == "en"
+    try:
+        if not pdf.is_file():
+            raise VerifyInputError(
+                f"ファイル {pdf} がありません。", f"File {pdf} does not exist.", reason="missing"
+            )
+        policy = _installation(settings).verify_policy(max_bytes=max_mib * 1024 * 1024)
+        report = verify_pdf(pdf, policy)
+    except KoinError as exc:
+        _say_error(" ".join((exc.message_en if english else exc.message).split()))
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        click.echo(f"{report.indication.value}: {report.summary_en if english else report.summary_ja}")
+        for sig in report.signatures:
+            who = sig.signer.common_name if sig.signer else "?"
+            reason = sig.reason_en if english else sig.reason_ja
+            sub = f" / {sig.subindication.value}" if sig.subindication else ""
+            coverage = sig.coverage_en if english else sig.coverage_ja
+            click.echo(
+                f"  #{sig.index} {sig.kind} {sig.field_name}: {sig.indication.value}{sub} — "
+                f"{who}; {sig.pades_level or '-'}; {coverage}; {reason}"
+            )
+    sys.exit(0 if report.passed else 1)
+
+
 @cli.group("keys")
 def keys_group() -> None:
     """Manage the key store."""
