@@ -15,9 +15,9 @@ from ._sign import (
 )
 from ._stamp import DEFAULT_STAMP_SIZE, MIN_STAMP_SIZE, MM, StampAppearance
 from ._verify import (
+    CertificateInfo,
     Change,
     ChangeKind,
-    CertificateInfo,
     Indication,
     Report,
     SignatureReport,

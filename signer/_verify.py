@@ -31,13 +31,13 @@ from pyhanko.pdf_utils.decode_limits import DecodeLimits
 from pyhanko.pdf_utils.generic import DictionaryObject
 from pyhanko.pdf_utils.misc import PdfError
 from pyhanko.pdf_utils.reader import PdfFileReader
-from pyhanko.sign.ades.report import AdESFailure, AdESIndeterminate, AdESSubIndic
+from pyhanko.sign.ades.report import AdESSubIndic
 from pyhanko.sign.diff_analysis import DEFAULT_DIFF_POLICY, ModificationLevel
 from pyhanko.sign.diff_analysis.policy_api import SuspiciousModification
 from pyhanko.sign.fields import MDPPerm, enumerate_sig_fields
-from pyhanko.sign.validation.errors import SignatureValidationError
 from pyhanko.sign.validation import pdf_embedded
 from pyhanko.sign.validation.dss import DocumentSecurityStore
+from pyhanko.sign.validation.errors import SignatureValidationError
 from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 from pyhanko.sign.validation.status import PdfSignatureStatus, TimestampSignatureStatus
 from pyhanko_certvalidator import ValidationContext
@@ -194,7 +194,10 @@ _REASONS: dict[SubIndication, tuple[str, str]] = {
     ),
 }
 
-SUMMARY_PASSED = ("署名済みであり、すべての署名が有効です。", "Signed, and all signatures are valid.")
+SUMMARY_PASSED = (
+    "署名済みであり、すべての署名が有効です。",
+    "Signed, and all signatures are valid.",
+)
 SUMMARY_FAILED = (
     "無効な署名があるか、署名後に文書が改ざんされています。",
     "At least one signature is invalid, or the document was altered after signing.",
@@ -400,7 +403,7 @@ def verify_pdf(source: bytes | Path, policy: VerifyPolicy) -> Report:
         fields = list(enumerate_sig_fields(reader, filled_status=True))
     except Exception as exc:
         raise _unreadable(exc) from exc
-    for index, (name, value, field_ref) in enumerate(fields, start=1):
+    for index, (name, _value, field_ref) in enumerate(fields, start=1):
         report, emb = _verify_one(reader, data, index, name, field_ref, policy, dss, total, now)
         signature_reports.append(report)
         embedded.append((report, emb))
@@ -443,7 +446,8 @@ def _read_input(source: bytes | Path, max_bytes: int) -> bytes:
 
 def _too_large(size: int, limit: int) -> VerifyInputError:
     return VerifyInputError(
-        f"ファイルが大きすぎます({size // (1024 * 1024)} MiB、上限 {limit // (1024 * 1024)} MiB)。",
+        f"ファイルが大きすぎます({size // (1024 * 1024)} MiB、"
+        f"上限 {limit // (1024 * 1024)} MiB)。",
         f"The file is too large ({size} bytes; the limit is {limit} bytes).",
         reason="too_large",
         status=413,
@@ -623,7 +627,7 @@ def _byte_range_problem(sig_object: DictionaryObject, data: bytes) -> str | None
 def _from_ades(sub: AdESSubIndic | None) -> SubIndication | None:
     if sub is None:
         return None
-    name = getattr(sub, "name", None)
+    name = str(getattr(sub, "name", ""))
     if name in SubIndication.__members__:
         return SubIndication[name]
     # pyHanko's GENERIC: a validation error it could not classify; the structure is at fault.
@@ -749,7 +753,9 @@ def _classify_changes(
             continue
         if kind is ChangeKind.ANNOTATIONS and docmdp is None:
             _failed(report, SubIndication.SIG_CONSTRAINTS_FAILURE, Indication.INDETERMINATE)
-            report.reason_ja = "署名後に注釈が追加・変更されています。内容が隠されていないか確認してください。"
+            report.reason_ja = (
+                "署名後に注釈が追加・変更されています。内容が隠されていないか確認してください。"
+            )
             report.reason_en = (
                 "Annotations were added or changed after signing; check that they hide nothing."
             )

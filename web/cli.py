@@ -210,7 +210,8 @@ def verify(settings: Settings, pdf: Path, as_json: bool, max_mib: int) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     else:
-        click.echo(f"{report.indication.value}: {report.summary_en if english else report.summary_ja}")
+        summary = report.summary_en if english else report.summary_ja
+        click.echo(f"{report.indication.value}: {summary}")
         for sig in report.signatures:
             who = sig.signer.common_name if sig.signer else "?"
             reason = sig.reason_en if english else sig.reason_ja
