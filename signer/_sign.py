@@ -121,6 +121,13 @@ class SignOptions:
     location: str = DEFAULT_LOCATION
     document_id: str | None = None
     field_name: str | None = None
+    #: Print a QR code linking to ``{verify_base_url}/verify/{document_id}`` on the stamp.
+    verify_base_url: str | None = None
+
+    def verify_url(self, document_id: str) -> str | None:
+        if not self.verify_base_url:
+            return None
+        return f"{self.verify_base_url.rstrip('/')}/verify/{document_id}"
 
 
 @dataclass(frozen=True)
@@ -196,7 +203,10 @@ def sign_pdf(
             index = resolve_page_index(reader, options.placement.page)
             page_number = index + 1
             visible = page_box(reader, index)
-            box = check_box(options.placement.box or default_box(visible), visible, page_number)
+            qr = options.verify_base_url is not None
+            box = check_box(
+                options.placement.box or default_box(visible, qr=qr), visible, page_number
+            )
         elif options.placement is not None:
             raise SigningError(
                 "印影の設定がないため見える署名を付けられません。",
@@ -211,6 +221,9 @@ def sign_pdf(
                     format_japanese_datetime(signed_at), document_id
                 )
             }
+            url = options.verify_url(document_id)
+            if url:
+                text_params["url"] = url
 
         if output is None:
             buffer = io.BytesIO()
@@ -325,7 +338,11 @@ def _pdf_signer(
         meta,
         signer=context.signer,
         timestamper=context.timestamper if level.needs_timestamp else None,
-        stamp_style=context.appearance.style_for(box) if box and context.appearance else None,
+        stamp_style=(
+            context.appearance.style_for(box, qr=options.verify_base_url is not None)
+            if box and context.appearance
+            else None
+        ),
         new_field_spec=field_spec,
     )
 

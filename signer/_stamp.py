@@ -14,11 +14,12 @@ from pyhanko.pdf_utils.font.opentype import GlyphAccumulator, GlyphAccumulatorFa
 from pyhanko.pdf_utils.images import PdfImage
 from pyhanko.pdf_utils.text import TextBoxStyle
 from pyhanko.pdf_utils.writer import BasePdfFileWriter
-from pyhanko.stamp import TextStampStyle
+from pyhanko.stamp import QRPosition, QRStampStyle, TextStampStyle
 
 from .errors import PlacementError, StampAssetError
 
 __all__ = [
+    "DEFAULT_QR_STAMP_SIZE",
     "DEFAULT_STAMP_SIZE",
     "MIN_STAMP_SIZE",
     "MM",
@@ -32,6 +33,8 @@ Box = tuple[float, float, float, float]
 MM = 72 / 25.4  # points per millimetre
 #: Width and height of the default stamp, in points (about 80 × 25 mm).
 DEFAULT_STAMP_SIZE = (228.0, 70.0)
+#: The default stamp with a QR code beside the text (about 106 × 25 mm).
+DEFAULT_QR_STAMP_SIZE = (300.0, 70.0)
 #: Smaller than this the text would be unreadable once shrunk to fit.
 MIN_STAMP_SIZE = (90.0, 28.0)
 #: Distance of the default stamp from the right and bottom page edges (about 12 mm).
@@ -114,12 +117,18 @@ class StampAppearance:
     def text(self, signed_at: str, document_id: str) -> str:
         return "\n".join([*self.title_lines, f"署名日時 {signed_at}", f"文書番号 {document_id}"])
 
-    def style_for(self, box: Box) -> TextStampStyle:
-        """A pyHanko stamp style laid out for ``box`` (seal square on the left, text beside)."""
+    def style_for(self, box: Box, *, qr: bool = False) -> TextStampStyle:
+        """A pyHanko stamp style laid out for ``box``: the seal square on the left, the text
+        beside it and, with ``qr``, a QR code (of the ``url`` text parameter) on the right."""
         height = box[3] - box[1]
         seal_side = height - 2 * _PADDING
         text_left = _PADDING + seal_side + _GAP
-        return TextStampStyle(
+        style_class = QRStampStyle if qr else TextStampStyle
+        extra: dict[str, Any] = (
+            {"qr_position": QRPosition.RIGHT_OF_TEXT, "innsep": int(_PADDING)} if qr else {}
+        )
+        return style_class(
+            **extra,
             stamp_text="%(stamp_text)s",
             text_box_style=TextBoxStyle(
                 font=self.font,
@@ -151,9 +160,9 @@ class StampAppearance:
         )
 
 
-def default_box(page: Box) -> Box:
+def default_box(page: Box, *, qr: bool = False) -> Box:
     """Bottom-right corner of the page, inside a margin."""
-    width, height = DEFAULT_STAMP_SIZE
+    width, height = DEFAULT_QR_STAMP_SIZE if qr else DEFAULT_STAMP_SIZE
     right = page[2] - DEFAULT_STAMP_MARGIN
     bottom = page[1] + DEFAULT_STAMP_MARGIN
     return (right - width, bottom, right, bottom + height)

@@ -87,3 +87,21 @@ def test_explicit_page_and_box_in_mm(
     assert diff is not None
     assert diff[0] >= left - 2 and diff[1] >= top - 2
     assert diff[2] <= right + 2 and diff[3] <= bottom + 2
+
+
+def test_qr_code_on_stamp_decodes_to_verify_url(
+    installation: Installation, one_page_permit: bytes, tmp_path: Path
+) -> None:
+    result = sign_pdf(
+        one_page_permit,
+        installation.signing_context(Role.POSITION),
+        SignOptions(level=SignatureLevel.B_B, verify_base_url="https://koin.example.jp/"),
+    )
+    assert result.data is not None and result.box is not None
+    assert result.box[2] - result.box[0] == 300  # the wider default box for seal + text + QR
+    (tmp_path / "qr.pdf").write_bytes(result.data)
+    _render(tmp_path / "qr.pdf", 1, tmp_path / "page")
+    decoded = subprocess.run(
+        ["zbarimg", "-q", "--raw", str(tmp_path / "page.png")], capture_output=True, text=True
+    )
+    assert decoded.stdout.strip() == f"https://koin.example.jp/verify/{result.document_id}"
