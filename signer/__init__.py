@@ -4,6 +4,7 @@ from ._assets import draw_demo_seal, extract_cjk_font, find_system_font
 from ._docid import is_document_id, new_document_id
 from ._era import JST, format_japanese_datetime, japanese_era_year
 from ._installation import InitReport, Installation
+from ._isolation import verify_pdf_isolated
 from ._sign import (
     Placement,
     SignatureLevel,
@@ -45,6 +46,7 @@ __all__ = [
     "VerifyInputError",
     "VerifyPolicy",
     "verify_pdf",
+    "verify_pdf_isolated",
     "DEFAULT_STAMP_SIZE",
     "EncryptedPdfError",
     "InitReport",

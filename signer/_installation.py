@@ -45,7 +45,7 @@ class InitReport:
 class Installation:
     """The files of one installation below ``home`` and the objects built from them."""
 
-    def __init__(self, home: Path, *, public_url: str = "http://127.0.0.1:8000") -> None:
+    def __init__(self, home: Path, *, public_url: str = "http://127.0.0.1:5000") -> None:
         self.home = home
         self.public_url = public_url
         self._store: KeyStore | None = None

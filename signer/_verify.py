@@ -19,7 +19,7 @@ import hashlib
 import io
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -28,12 +28,20 @@ from typing import Any
 from asn1crypto import crl as asn1_crl
 from asn1crypto import x509 as asn1_x509
 from pyhanko.pdf_utils.decode_limits import DecodeLimits
-from pyhanko.pdf_utils.generic import DictionaryObject
-from pyhanko.pdf_utils.misc import PdfError
-from pyhanko.pdf_utils.reader import PdfFileReader
+from pyhanko.pdf_utils.generic import ArrayObject, DictionaryObject, IndirectObject, Reference
+from pyhanko.pdf_utils.misc import PdfDecodeLimitError, PdfError
+from pyhanko.pdf_utils.reader import HistoricalResolver, PdfFileReader, RawPdfPath
 from pyhanko.sign.ades.report import AdESSubIndic
-from pyhanko.sign.diff_analysis import DEFAULT_DIFF_POLICY, ModificationLevel
+from pyhanko.sign.diff_analysis import (
+    DEFAULT_DIFF_POLICY,
+    ModificationLevel,
+    QualifiedWhitelistRule,
+    ReferenceUpdate,
+    StandardDiffPolicy,
+)
+from pyhanko.sign.diff_analysis.commons import compare_dicts
 from pyhanko.sign.diff_analysis.policy_api import SuspiciousModification
+from pyhanko.sign.diff_analysis.rules_api import RelativeContext
 from pyhanko.sign.fields import MDPPerm, enumerate_sig_fields
 from pyhanko.sign.validation import pdf_embedded
 from pyhanko.sign.validation.dss import DocumentSecurityStore
@@ -455,6 +463,13 @@ def _too_large(size: int, limit: int) -> VerifyInputError:
 
 
 def _unreadable(exc: BaseException) -> VerifyInputError:
+    if isinstance(exc, PdfDecodeLimitError):
+        return VerifyInputError(
+            "PDF 内の圧縮データを展開すると大きくなりすぎるため、検証を中止しました。",
+            f"The PDF holds compressed data that expands beyond the safety limit ({exc}).",
+            reason="decompression_limit",
+            status=422,
+        )
     return VerifyInputError(
         "PDF の構造が壊れているため読めません。",
         f"The PDF structure is broken and cannot be read ({type(exc).__name__}: {exc}).",
@@ -779,11 +794,106 @@ def _signature_kinds_by_revision(reader: PdfFileReader) -> dict[int, str]:
     return kinds
 
 
+class _AnnotationAdditionRule(QualifiedWhitelistRule):
+    """Clear, at level ANNOTATIONS, pages whose only change is new (non-widget) annotations.
+
+    pyHanko's standard policy never reports ``ModificationLevel.ANNOTATIONS``: its form rule
+    explains new signature widgets only, so an added comment would count as "other". Cleared
+    here: the page (changed in ``/Annots`` alone, nothing removed), its ``/Annots`` array, and
+    the fresh objects of each new annotation. An annotation that reuses an existing object
+    number, or is a widget or a field, is left unexplained (and so stays "other").
+    """
+
+    def apply_qualified(
+        self, old: HistoricalResolver, new: HistoricalResolver
+    ) -> Iterator[tuple[ModificationLevel, ReferenceUpdate]]:
+        pages = _page_refs(new)
+        if pages != _page_refs(old):
+            return  # page tree changes are for the other rules to reject
+        for page_ref in pages:
+            old_page, new_page = old(page_ref), new(page_ref)
+            old_annots, new_annots = _annot_refs(old_page), _annot_refs(new_page)
+            if old_annots is None or new_annots is None or not old_annots < new_annots:
+                continue  # nothing added, something removed, or not an array of references
+            added = new_annots - old_annots
+            if not compare_dicts(old_page, new_page, frozenset({"/Annots"}), raise_exc=False):
+                continue
+            fresh: set[Reference] = set()
+            for ref in added:
+                annot = new(ref)
+                if (
+                    not old.is_ref_unassignable(ref)
+                    or not isinstance(annot, DictionaryObject)
+                    or annot.get("/Subtype") in (None, "/Widget")
+                    or "/FT" in annot
+                    or "/Parent" in annot
+                ):
+                    break
+                fresh.add(ref)
+                fresh |= new.collect_dependencies(annot, since_revision=new.revision)
+            else:
+                level = ModificationLevel.ANNOTATIONS
+                yield level, ReferenceUpdate(page_ref)  # only /Annots differs (checked above)
+                array = new_page.raw_get("/Annots")
+                if isinstance(array, IndirectObject):
+                    context = RelativeContext(page_ref, RawPdfPath("/Annots"))
+                    yield level, ReferenceUpdate(array.reference, context)
+                for ref in fresh:
+                    if old.is_ref_unassignable(ref):
+                        yield level, ReferenceUpdate(ref)
+
+
+def _page_refs(resolver: HistoricalResolver) -> list[Reference]:
+    """Page object references in document order (at most 10,000 page tree nodes)."""
+    pages: list[Reference] = []
+    pending = [resolver.root.raw_get("/Pages")]
+    seen: set[Reference] = set()
+    while pending and len(seen) < 10_000:
+        node = pending.pop()
+        if not isinstance(node, IndirectObject) or node.reference in seen:
+            return []
+        seen.add(node.reference)
+        value = node.get_object()
+        if not isinstance(value, DictionaryObject):
+            return []
+        if value.get("/Type") == "/Page":
+            pages.append(node.reference)
+            continue
+        kids = value.raw_get("/Kids") if "/Kids" in value else None
+        kids = kids.get_object() if isinstance(kids, IndirectObject) else kids
+        if not isinstance(kids, ArrayObject):
+            return []
+        pending.extend(reversed(list(kids)))
+    return pages
+
+
+def _annot_refs(page: Any) -> set[Reference] | None:
+    """The annotations of ``page`` as references (empty without ``/Annots``), None if odd."""
+    if not isinstance(page, DictionaryObject):
+        return None
+    if "/Annots" not in page:
+        return set()
+    annots = page.raw_get("/Annots")
+    annots = annots.get_object() if isinstance(annots, IndirectObject) else annots
+    if not isinstance(annots, ArrayObject) or not all(
+        isinstance(a, IndirectObject) for a in annots
+    ):
+        return None
+    return {a.reference for a in annots}
+
+
+#: pyHanko's default policy plus the recognition of added annotations (amber, not "other").
+_DIFF_POLICY = StandardDiffPolicy(
+    global_rules=[*DEFAULT_DIFF_POLICY.global_rules, _AnnotationAdditionRule()],
+    form_rule=DEFAULT_DIFF_POLICY.form_rule,
+)
+
+
 def _classify_revision(
     reader: PdfFileReader, revision: int, docmdp: MDPPerm | None, sig_kinds: dict[int, str]
 ) -> tuple[ChangeKind, str | None]:
     try:
-        result = DEFAULT_DIFF_POLICY.apply(
+        result = _DIFF_POLICY.apply(
             reader.get_historical_resolver(revision - 1),
             reader.get_historical_resolver(revision),
             field_mdp_spec=None,

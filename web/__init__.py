@@ -11,6 +11,8 @@ from .config import Settings
 
 __all__ = ["create_app"]
 
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Application factory.
@@ -23,12 +25,26 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_mapping(
         KOIN_HOME=str(settings.home),
         KOIN_PUBLIC_URL=settings.public_url,
-        MAX_CONTENT_LENGTH=64 * 1024 * 1024,
+        KOIN_DATABASE_URL=None,
+        KOIN_MAX_UPLOAD_BYTES=MAX_UPLOAD_BYTES,
+        KOIN_VERIFY_TIME_LIMIT=30.0,
+        # the whole request may carry a little more than the file (multipart framing)
+        MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES + 1024 * 1024,
+        BABEL_DEFAULT_LOCALE="ja",
+        BABEL_DEFAULT_TIMEZONE="Asia/Tokyo",
+        JSON_AS_ASCII=False,
     )
     if config:
         app.config.from_mapping(config)
+    if config and "KOIN_MAX_UPLOAD_BYTES" in config and "MAX_CONTENT_LENGTH" not in config:
+        app.config["MAX_CONTENT_LENGTH"] = int(config["KOIN_MAX_UPLOAD_BYTES"]) + 1024 * 1024
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
 
-    from . import pki
+    from . import api, i18n, pki, services, verify_views
 
+    i18n.init_app(app)
+    services.init_app(app)
     app.register_blueprint(pki.bp)
+    app.register_blueprint(verify_views.bp)
+    app.register_blueprint(api.bp)
     return app

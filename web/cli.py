@@ -20,7 +20,7 @@ import click
 import keys as keys_lib
 from keys import KoinError, Role
 from signer import MM as POINTS_PER_MM
-from signer import Installation, Placement, SignatureLevel, SignOptions, sign_pdf
+from signer import Installation, Placement, SignatureLevel, SignOptions
 
 from .config import Settings
 
@@ -73,6 +73,7 @@ def init(settings: Settings, public_url: str | None) -> None:
     """Set up KOIN_HOME: demo PKI and key store, stamp font, demo seal (idempotent)."""
     installation = Installation(settings.home, public_url=public_url or settings.public_url)
     report = installation.initialize()
+    _upgrade_database(settings)
     home = settings.home.resolve()
     if report.keys_created:
         click.echo(f"デモ PKI と鍵ストアを作成しました: {home / 'keys'}")
@@ -86,6 +87,36 @@ def init(settings: Settings, public_url: str | None) -> None:
     for path in report.assets_created:
         click.echo(f"作成: {path}")
     click.echo(f"ルート証明書: {home / 'pki' / 'root-ca.pem'}")
+
+
+def _database_url(settings: Settings) -> str:
+    import contracts
+
+    return contracts.database_url(settings.home)
+
+
+def _upgrade_database(settings: Settings) -> None:
+    """Bring the database schema to the current version (Alembic).
+
+    :raises KoinError: the database cannot be reached.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from contracts import migrate
+
+    try:
+        migrate.upgrade(_database_url(settings))
+    except SQLAlchemyError as exc:
+        raise KoinError(
+            "データベースに接続できません。KOIN_DATABASE_URL を確認してください。",
+            f"Cannot reach the database ({exc.__class__.__name__}); check KOIN_DATABASE_URL.",
+        ) from exc
+
+
+def _sessions(settings: Settings) -> Any:
+    import contracts
+
+    return contracts.make_session_factory(contracts.make_engine(_database_url(settings)))
 
 
 def _parse_box(text: str, units: str) -> tuple[float, float, float, float]:
@@ -125,6 +156,8 @@ def _parse_box(text: str, units: str) -> tuple[float, float, float, float]:
 @click.option("--role", type=click.Choice([Role.POSITION.value, Role.WITNESS.value]),
               default=Role.POSITION.value, show_default=True, help="Whose key signs.")
 @click.option("--document-id", help="Document ID printed on the stamp (default: new random ID).")
+@click.option("--qr", is_flag=True,
+              help="Print a QR code linking to this document's page on KOIN_PUBLIC_URL.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 @refusals_exit_1
@@ -141,6 +174,7 @@ def sign(
     tsa_urls: Sequence[str],
     role: str,
     document_id: str | None,
+    qr: bool,
     as_json: bool,
 ) -> None:
     """Sign INPUT_PDF with the position certificate and write OUTPUT_PDF.
@@ -161,9 +195,19 @@ def sign(
         Role(role), tsa_urls=list(tsa_urls) or settings.tsa_urls, stamp=not no_stamp
     )
     options = SignOptions(
-        level=SignatureLevel(level), placement=placement, certify=certify, document_id=document_id
+        level=SignatureLevel(level),
+        placement=placement,
+        certify=certify,
+        document_id=document_id,
+        verify_base_url=settings.public_url if qr else None,
     )
-    result = sign_pdf(input_pdf, context, options, output=output_pdf)
+    from contracts import sign_and_record
+
+    _upgrade_database(settings)
+    result = sign_and_record(
+        _sessions(settings), input_pdf, context, options, role=Role(role),
+        file_name=input_pdf.name, output=output_pdf,
+    )
     summary = {
         "output": str(output_pdf),
         "document_id": result.document_id,
@@ -222,6 +266,22 @@ def verify(settings: Settings, pdf: Path, as_json: bool, max_mib: int) -> None:
                 f"{who}; {sig.pades_level or '-'}; {coverage}; {reason}"
             )
     sys.exit(0 if report.passed else 1)
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The database of this installation."""
+
+
+@db_group.command("upgrade")
+@click.pass_obj
+@refusals_exit_1
+def db_upgrade(settings: Settings) -> None:
+    """Apply pending schema migrations (run after every upgrade of koin)."""
+    from contracts import migrate
+
+    _upgrade_database(settings)
+    click.echo(f"データベースは最新です: {migrate.current(_database_url(settings))}")
 
 
 @cli.group("keys")
@@ -309,7 +369,7 @@ def tsa_serve(settings: Settings, host: str, port: int) -> None:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--init/--no-init", "run_init", default=True, show_default=True,
               help="Run `koin init` first (creates the demo PKI on a new installation).")
 @click.pass_obj
@@ -320,6 +380,7 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
 
     if run_init:
         _installation(settings).initialize()
+        _upgrade_database(settings)
     app = create_app()
     click.echo(f"koin: http://{host}:{port}/ (Ctrl-C で終了)", err=True)
     app.run(host=host, port=port, threaded=True, use_reloader=False)

@@ -19,7 +19,7 @@ class Settings:
     home: Path = field(default_factory=lambda: Path(os.environ.get("KOIN_HOME", "instance")))
     #: The URL under which the service is reachable (CRL distribution points, verify links).
     public_url: str = field(
-        default_factory=lambda: os.environ.get("KOIN_PUBLIC_URL", "http://127.0.0.1:8000")
+        default_factory=lambda: os.environ.get("KOIN_PUBLIC_URL", "http://127.0.0.1:5000")
     )
     #: External TSAs, tried in order; empty = the embedded TSA of this installation.
     tsa_urls: list[str] = field(default_factory=lambda: _split(os.environ.get("KOIN_TSA_URLS", "")))

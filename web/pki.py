@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flask import Blueprint, Response, abort, current_app, render_template_string, request
+from flask import Blueprint, Response, abort, current_app, render_template, request
 
 from timestamp import TimeStampAuthority
 
@@ -90,30 +90,6 @@ def _authority() -> TimeStampAuthority:
     return authority
 
 
-_INDEX = """<!doctype html>
-<html lang="ja"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>koin 公印 — 茨城県 電子署名サービス</title>
-<style>body{font-family:"Noto Sans CJK JP",sans-serif;max-width:40rem;margin:2rem auto;
-padding:0 1rem;line-height:1.7;color:#222}h1{font-size:1.4rem}code{background:#f3f3f3;
-padding:.1rem .3rem}</style></head><body>
-<h1>茨城県 電子署名サービス(koin 公印)</h1>
-<p>茨城県が発行する文書には、職責「茨城県知事」による電子署名とタイムスタンプが付いています。
-PDF リーダーで「署名済みであり、すべての署名が有効です」と表示させるには、
-県のルート証明書を信頼してください。</p>
-<ul>
-<li><a href="/pki/root-ca.pem">ルート証明書 (root-ca.pem)</a></li>
-<li><a href="/pki/issuing-ca.pem">発行 CA 証明書 (issuing-ca.pem)</a></li>
-<li>失効リスト: <a href="/pki/root-ca.crl">root-ca.crl</a>,
-<a href="/pki/issuing-ca.crl">issuing-ca.crl</a></li>
-<li>タイムスタンプ局 (RFC 3161): <code>POST {{ public_url }}/tsa</code></li>
-</ul>
-<p lang="en">Documents of Ibaraki Prefecture carry a signature by the position certificate
-"Governor of Ibaraki Prefecture" and an RFC 3161 timestamp. Trust the root certificate above
-to have PDF readers show them as valid.</p>
-</body></html>"""
-
-
 @bp.get("/")
 def index() -> str:
-    return render_template_string(_INDEX, public_url=current_app.config["KOIN_PUBLIC_URL"])
+    return render_template("index.html", public_url=current_app.config["KOIN_PUBLIC_URL"])

@@ -1,0 +1,56 @@
+"""Signing with a record: every document signed by the service is findable by its ID."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from keys import Role
+from signer import SigningContext, SignOptions, SignResult, sign_pdf
+
+from ._db import session_scope
+from .documents import record_signed_document
+
+__all__ = ["sign_and_record"]
+
+
+def sign_and_record(
+    sessions: sessionmaker[Session],
+    source: bytes | Path | BinaryIO,
+    context: SigningContext,
+    options: SignOptions,
+    *,
+    role: Role,
+    file_name: str | None = None,
+    output: Path | None = None,
+) -> SignResult:
+    """Sign a PDF and record it (ID, SHA-256 of the output, role, signer, level, time).
+
+    If the record cannot be written, the signed output file is removed again: a signed
+    document that the verify page does not know must not leave the service.
+
+    :raises KoinError: as :func:`signer.sign_pdf`, or the record could not be written
+        (:class:`~contracts.errors.DuplicateDocument`).
+    """
+    result = sign_pdf(source, context, options, output=output)
+    certificate = context.signer.signing_cert
+    subject = certificate.subject.human_friendly if certificate is not None else "?"
+    try:
+        with session_scope(sessions) as session:
+            record_signed_document(
+                session,
+                document_id=result.document_id,
+                sha256=result.sha256,
+                signer_role=role.value,
+                signer_subject=subject,
+                level=result.level,
+                signed_at=result.signed_at,
+                file_name=file_name[-255:] if file_name else None,
+            )
+    except BaseException:
+        if output is not None:
+            output.unlink(missing_ok=True)
+        raise
+    return result

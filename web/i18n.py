@@ -1,0 +1,51 @@
+"""Japanese by default; English on request (``?lang=en``, remembered in a cookie)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from flask import Flask, Response, g, request
+from flask_babel import Babel
+
+from signer import format_japanese_datetime
+
+__all__ = ["init_app", "LANGUAGES"]
+
+LANGUAGES = ("ja", "en")
+COOKIE = "koin_lang"
+
+
+def _select_locale() -> str:
+    wanted = request.args.get("lang") or request.cookies.get(COOKIE)
+    return wanted if wanted in LANGUAGES else "ja"
+
+
+def _remember_choice(response: Response) -> Response:
+    wanted = request.args.get("lang")
+    if wanted in LANGUAGES:
+        response.set_cookie(
+            COOKIE, wanted, max_age=365 * 24 * 3600, samesite="Lax", httponly=True,
+            secure=request.is_secure,
+        )
+    return response
+
+
+def _when(value: dt.datetime | None) -> str:
+    """Datetimes for people: 令和 and JST in Japanese, ISO-like UTC in English."""
+    if value is None:
+        return "—"
+    if getattr(g, "lang", "ja") == "ja":
+        return format_japanese_datetime(value)
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def init_app(app: Flask) -> None:
+    Babel(app, locale_selector=_select_locale)
+    app.after_request(_remember_choice)
+
+    @app.before_request
+    def _lang() -> None:
+        g.lang = _select_locale()
+
+    app.jinja_env.filters["when"] = _when
+    app.jinja_env.globals["languages"] = LANGUAGES

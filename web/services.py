@@ -1,0 +1,77 @@
+"""Long-lived objects of the web process: the installation, the verify policy, the database."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from flask import Flask, current_app
+from sqlalchemy.orm import Session, sessionmaker
+
+import contracts
+from signer import Installation, VerifyPolicy
+
+__all__ = ["find_document", "init_app", "installation", "session_factory", "verify_policy"]
+
+#: Rebuild the verify policy this often, so re-issued CRLs are picked up.
+POLICY_TTL = 3600.0
+
+
+class _Services:
+    def __init__(self, app: Flask) -> None:
+        self.installation = Installation(
+            Path(app.config["KOIN_HOME"]), public_url=app.config["KOIN_PUBLIC_URL"]
+        )
+        self._policy: tuple[float, VerifyPolicy] | None = None
+        self._lock = threading.Lock()
+        self.max_bytes = int(app.config["KOIN_MAX_UPLOAD_BYTES"])
+        self._database_url: str = app.config["KOIN_DATABASE_URL"] or contracts.database_url(
+            Path(app.config["KOIN_HOME"])
+        )
+        self._session_factory: sessionmaker[Session] | None = None
+
+    def session_factory(self) -> sessionmaker[Session]:
+        with self._lock:
+            if self._session_factory is None:
+                engine = contracts.make_engine(self._database_url)
+                self._session_factory = contracts.make_session_factory(engine)
+            return self._session_factory
+
+    def verify_policy(self) -> VerifyPolicy:
+        with self._lock:
+            now = time.monotonic()
+            if self._policy is None or now - self._policy[0] > POLICY_TTL:
+                policy = self.installation.verify_policy(max_bytes=self.max_bytes)
+                self._policy = (now, policy)
+            return self._policy[1]
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["koin"] = _Services(app)
+
+
+def _services() -> _Services:
+    services: _Services = current_app.extensions["koin"]
+    return services
+
+
+def installation() -> Installation:
+    return _services().installation
+
+
+def verify_policy() -> VerifyPolicy:
+    return _services().verify_policy()
+
+
+def session_factory() -> sessionmaker[Session]:
+    return _services().session_factory()
+
+
+def find_document(doc_id: str) -> contracts.SignedDocument | None:
+    """The record of a document signed by this installation, or None."""
+    with contracts.session_scope(session_factory()) as session:
+        record = contracts.get_document(session, doc_id)
+        if record is not None:
+            session.expunge(record)
+        return record

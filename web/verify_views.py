@@ -1,0 +1,99 @@
+"""Public verify pages: anyone can check a signed PDF, or a document ID printed on a stamp."""
+
+from __future__ import annotations
+
+import hashlib
+
+from flask import Blueprint, current_app, render_template
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from signer import Report, VerifyInputError, verify_pdf_isolated
+
+from . import services
+from .errors import page_error
+from .uploads import uploaded_pdf
+
+__all__ = ["bp", "run_verification"]
+
+bp = Blueprint("verify", __name__)
+
+
+def run_verification(data: bytes) -> Report:
+    """Verify in an isolated process under this app's limits.
+
+    :raises VerifyInputError: the file cannot be verified (the message says why).
+    """
+    return verify_pdf_isolated(
+        data,
+        services.verify_policy(),
+        time_limit=float(current_app.config["KOIN_VERIFY_TIME_LIMIT"]),
+    )
+
+
+def _too_large() -> tuple[str, int]:
+    limit = int(current_app.config["KOIN_MAX_UPLOAD_BYTES"]) // (1024 * 1024)
+    return page_error(
+        413,
+        f"ファイルが大きすぎます(上限 {limit} MiB)。",
+        f"The file is too large (limit {limit} MiB).",
+        template="verify.html",
+    )
+
+
+@bp.get("/verify")
+def verify_form() -> str:
+    return render_template("verify.html")
+
+
+@bp.post("/verify")
+def verify_upload() -> str | tuple[str, int]:
+    """:raise 400/413/415/422: the upload cannot be verified (shown on the page)."""
+    try:
+        data, file_name = uploaded_pdf()
+        report = run_verification(data)
+    except RequestEntityTooLarge:
+        return _too_large()
+    except VerifyInputError as exc:
+        return page_error(exc.status, exc.message, exc.message_en, template="verify.html")
+    return render_template("verify.html", report=report, file_name=file_name)
+
+
+@bp.get("/verify/<doc_id>")
+def document(doc_id: str) -> str | tuple[str, int]:
+    """The record of a document signed here, with a form to check a copy against it.
+
+    :raise 404: unknown document ID.
+    """
+    record = services.find_document(doc_id)
+    if record is None:
+        return page_error(
+            404,
+            f"文書番号 {doc_id} の記録はありません。番号をご確認ください。",
+            f"No document with ID {doc_id} was signed here. Check the number.",
+        )
+    return render_template("document.html", record=record)
+
+
+@bp.post("/verify/<doc_id>")
+def document_check(doc_id: str) -> str | tuple[str, int]:
+    """Check an uploaded copy against the record: same bytes, and valid signatures.
+
+    :raise 404: unknown document ID.
+    :raise 400/413/415/422: the upload cannot be verified.
+    """
+    record = services.find_document(doc_id)
+    if record is None:
+        return document(doc_id)
+    try:
+        data, file_name = uploaded_pdf()
+        matches = hashlib.sha256(data).hexdigest() == record.sha256
+        report = run_verification(data)
+    except RequestEntityTooLarge:
+        return _too_large()
+    except VerifyInputError as exc:
+        return page_error(
+            exc.status, exc.message, exc.message_en, template="document.html", record=record
+        )
+    return render_template(
+        "document.html", record=record, report=report, matches=matches, file_name=file_name
+    )
