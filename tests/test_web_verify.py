@@ -20,6 +20,10 @@ from web import create_app
 
 @pytest.fixture(scope="module")
 def app(koin_home: Path) -> Iterator[Flask]:
+    import contracts
+    from contracts import migrate
+
+    migrate.upgrade(contracts.database_url(koin_home))  # as `koin serve` does
     yield create_app({"KOIN_HOME": str(koin_home), "TESTING": True})
 
 
@@ -173,3 +177,40 @@ def test_two_signatures_reported(
         "koin Witness Signing Service",
     ]
     assert report["signatures"][0]["changes_after"][0]["kind"] == "form_fill_or_signing"
+
+
+def test_document_record_page_checks_a_copy(
+    app: Flask, client: FlaskClient, installation: Installation, koin_home: Path,
+    permit_pdf: bytes, signed: bytes,
+) -> None:
+    import contracts
+
+    url = contracts.database_url(koin_home)
+    engine = contracts.make_engine(url)
+    try:
+        result = contracts.sign_and_record(
+            contracts.make_session_factory(engine),
+            permit_pdf,
+            installation.signing_context(Role.POSITION),
+            SignOptions(verify_base_url="http://127.0.0.1:5000"),
+            role=Role.POSITION,
+            file_name="許可書.pdf",
+        )
+    finally:
+        engine.dispose()
+    assert result.data is not None
+    doc_id = result.document_id
+    page = client.get(f"/verify/{doc_id.lower().replace('-', '')}").get_data(as_text=True)
+    assert doc_id in page and result.sha256 in page and "PAdES B-T" in page
+
+    same = _post_multipart(client, f"/verify/{doc_id}", result.data).get_data(as_text=True)
+    assert 'id="match"' in same and "同一です" in same and 'data-indication="PASSED"' in same
+    other = _post_multipart(client, f"/verify/{doc_id}", signed).get_data(as_text=True)
+    assert "一致しません" in other
+
+
+@pytest.mark.parametrize("doc_id", ["ZZZZ-ZZZZ-ZZZZ-ZZZZ", "not-an-id", "%3Cscript%3E"])
+def test_unknown_document_id_is_404(client: FlaskClient, doc_id: str) -> None:
+    response = client.get(f"/verify/{doc_id}")
+    assert response.status_code == 404
+    assert "<script>" not in response.get_data(as_text=True)
