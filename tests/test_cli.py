@@ -182,3 +182,59 @@ def test_installed_console_script(home: Path, permit_file: Path, tmp_path: Path)
     assert bad.returncode == 1
     assert bad.stderr.strip() == "koin: Page 7 does not exist; the PDF has 2 page(s)."
     assert PASSPHRASE not in ok.stdout + ok.stderr + bad.stderr
+
+
+def test_verify_exit_codes(
+    runner: CliRunner, home: Path, permit_file: Path, tmp_path: Path
+) -> None:
+    signed = tmp_path / "signed.pdf"
+    assert runner.invoke(cli, ["sign", str(permit_file), str(signed)]).exit_code == 0
+    ok = runner.invoke(cli, ["verify", str(signed)])
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.startswith("PASSED: Signed, and all signatures are valid.")
+    assert "Governor of Ibaraki Prefecture; B-T; whole document" in ok.stdout
+
+    data = bytearray(signed.read_bytes())
+    position = data.index(b"stream", 200) + 20
+    data[position] ^= 1
+    tampered = tmp_path / "tampered.pdf"
+    tampered.write_bytes(bytes(data))
+    failed = runner.invoke(cli, ["verify", str(tampered), "--json"])
+    assert failed.exit_code == 1
+    report = json.loads(failed.stdout)
+    assert report["indication"] == "FAILED"
+    assert report["signatures"][0]["subindication"] == "HASH_FAILURE"
+
+    unsigned = runner.invoke(cli, ["verify", str(permit_file)])
+    assert unsigned.exit_code == 1 and "carries no electronic signature" in unsigned.stdout
+
+    not_pdf = tmp_path / "x.pdf"
+    not_pdf.write_text("hello")
+    refused = runner.invoke(cli, ["verify", str(not_pdf)])
+    assert refused.exit_code == 2 and refused.stderr.strip() == "koin: Not a PDF file."
+    assert runner.invoke(cli, ["verify", str(tmp_path / "missing.pdf")]).exit_code == 2
+
+
+def test_sign_records_the_document(
+    runner: CliRunner, home: Path, permit_file: Path, tmp_path: Path
+) -> None:
+    import contracts
+
+    out = tmp_path / "signed.pdf"
+    result = runner.invoke(cli, ["sign", str(permit_file), str(out), "--qr", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    engine = contracts.make_engine(contracts.database_url(home))
+    try:
+        with contracts.session_scope(contracts.make_session_factory(engine)) as session:
+            record = contracts.get_document(session, summary["document_id"])
+            assert record is not None
+            assert record.sha256 == summary["sha256"] and record.signer_role == "position"
+            assert record.file_name == "permit.pdf" and record.level == "B-T"
+    finally:
+        engine.dispose()
+
+
+def test_db_upgrade(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["db", "upgrade"])
+    assert result.exit_code == 0 and "データベースは最新です" in result.stdout

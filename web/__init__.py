@@ -11,8 +11,6 @@ from .config import Settings
 
 __all__ = ["create_app"]
 
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024
-
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Application factory.
@@ -25,11 +23,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_mapping(
         KOIN_HOME=str(settings.home),
         KOIN_PUBLIC_URL=settings.public_url,
-        KOIN_DATABASE_URL=None,
-        KOIN_MAX_UPLOAD_BYTES=MAX_UPLOAD_BYTES,
-        KOIN_VERIFY_TIME_LIMIT=30.0,
+        KOIN_DATABASE_URL=settings.database_url,
+        KOIN_MAX_UPLOAD_BYTES=settings.max_upload_bytes,
+        KOIN_VERIFY_TIME_LIMIT=settings.verify_time_limit,
         # the whole request may carry a little more than the file (multipart framing)
-        MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES + 1024 * 1024,
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + 1024 * 1024,
         BABEL_DEFAULT_LOCALE="ja",
         BABEL_DEFAULT_TIMEZONE="Asia/Tokyo",
         JSON_AS_ASCII=False,

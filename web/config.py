@@ -23,6 +23,16 @@ class Settings:
     )
     #: External TSAs, tried in order; empty = the embedded TSA of this installation.
     tsa_urls: list[str] = field(default_factory=lambda: _split(os.environ.get("KOIN_TSA_URLS", "")))
+    #: Largest PDF accepted for verification (and signing uploads), in bytes.
+    max_upload_bytes: int = field(
+        default_factory=lambda: int(os.environ.get("KOIN_MAX_UPLOAD_MIB", "50")) * 1024 * 1024
+    )
+    #: Seconds one verification may take before it is stopped.
+    verify_time_limit: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_VERIFY_TIME_LIMIT", "30"))
+    )
+    #: Database URL (default: SQLite in KOIN_HOME).
+    database_url: str | None = field(default_factory=lambda: os.environ.get("KOIN_DATABASE_URL"))
     #: Language of messages on the command line and default UI ("ja" or "en").
     language: str = field(
         default_factory=lambda: "en" if os.environ.get("KOIN_LANG", "ja").startswith("en") else "ja"
