@@ -372,17 +372,27 @@ class VerifyPolicy:
     crls: Sequence[asn1_crl.CertificateList] = ()
     max_bytes: int = DEFAULT_MAX_BYTES
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
+    #: Verify as of this moment (an auditor's "was it valid on …"); None = now.
+    validation_time: dt.datetime | None = None
 
     def validation_context(
-        self, dss: DocumentSecurityStore | None, moment: dt.datetime | None = None
+        self,
+        dss: DocumentSecurityStore | None,
+        moment: dt.datetime | None = None,
+        *,
+        retroactive_revinfo: bool = False,
     ) -> ValidationContext:
+        """:param retroactive_revinfo: accept revocation data issued after ``moment`` (used
+            when validating at a time proven by a timestamp, EN 319 102-1 past validation)."""
         kwargs: dict[str, Any] = {
             "trust_roots": list(self.trust_roots),
             "other_certs": list(self.other_certs),
             "crls": list(self.crls),
             "allow_fetching": False,
             "revocation_mode": "hard-fail",
+            "retroactive_revinfo": retroactive_revinfo,
         }
+        moment = moment or self.validation_time
         if moment is not None:
             kwargs["moment"] = moment
         if dss is not None:
@@ -398,7 +408,7 @@ def verify_pdf(source: bytes | Path, policy: VerifyPolicy) -> Report:
     """
     data = _read_input(source, policy.max_bytes)
     reader = _open(data, policy)
-    now = dt.datetime.now(dt.UTC)
+    now = policy.validation_time or dt.datetime.now(dt.UTC)
     try:
         dss: DocumentSecurityStore | None = DocumentSecurityStore.read_dss(reader)
     except Exception:  # no DSS, or a malformed one (then it simply adds nothing)
@@ -563,20 +573,23 @@ def _verify_one(
         _failed(report, SubIndication.NO_SIGNING_CERTIFICATE_FOUND, Indication.INDETERMINATE)
         return report, emb
 
-    context = policy.validation_context(dss)
     try:
-        status: PdfSignatureStatus | TimestampSignatureStatus
-        if report.kind == "document_timestamp":
-            status = asyncio.run(
-                pdf_embedded.async_validate_pdf_timestamp(emb, validation_context=context)
+        status = _validate(emb, report.kind, policy.validation_context(dss))
+        poe = _proven_time(status)
+        if _out_of_bounds(status) and poe is not None and report.signer is not None and (
+            report.signer.not_before <= poe <= report.signer.not_after
+        ):
+            # The certificate is out of bounds now, but a verified timestamp proves the
+            # signature existed while it was valid: validate the chain as of that time
+            # (EN 319 102-1 past signature validation, the timestamp as proof of existence).
+            past = _validate(
+                emb, report.kind, policy.validation_context(dss, poe, retroactive_revinfo=True)
             )
-        else:
-            status = asyncio.run(
-                pdf_embedded.async_validate_pdf_signature(
-                    emb, signer_validation_context=context, ts_validation_context=context,
-                    skip_diff=True,  # we classify each later revision ourselves
+            if past.trust_problem_indic is None and past.intact and past.valid:
+                report.details.append(
+                    f"validated as of {poe.isoformat()}, the time proven by its timestamp"
                 )
-            )
+                status = past
     except SignatureValidationError as exc:
         report.details.append(f"validation error: {exc}")
         sub = _from_ades(exc.ades_subindication) or SubIndication.FORMAT_FAILURE
@@ -590,6 +603,29 @@ def _verify_one(
     _apply_status(report, emb, status, now)
     _classify_changes(reader, emb, report, total)
     return report, emb
+
+
+def _validate(
+    emb: EmbeddedPdfSignature, kind: str, context: ValidationContext
+) -> PdfSignatureStatus | TimestampSignatureStatus:
+    if kind == "document_timestamp":
+        return asyncio.run(
+            pdf_embedded.async_validate_pdf_timestamp(emb, validation_context=context)
+        )
+    return asyncio.run(
+        pdf_embedded.async_validate_pdf_signature(
+            emb, signer_validation_context=context, ts_validation_context=context,
+            skip_diff=True,  # we classify each later revision ourselves
+        )
+    )
+
+
+_OUT_OF_BOUNDS = ("OUT_OF_BOUNDS_NO_POE", "OUT_OF_BOUNDS_NOT_REVOKED", "EXPIRED")
+
+
+def _out_of_bounds(status: PdfSignatureStatus | TimestampSignatureStatus) -> bool:
+    indic = status.trust_problem_indic
+    return indic is not None and getattr(indic, "name", "") in _OUT_OF_BOUNDS
 
 
 def _text(value: Any) -> str | None:
@@ -691,7 +727,7 @@ def _apply_status(
     if status.trust_problem_indic is not None:
         sub = _from_ades(status.trust_problem_indic) or SubIndication.NO_CERTIFICATE_CHAIN_FOUND
         report.details.append(f"signer trust: {status.trust_problem_indic}")
-        _failed(report, *_time_aware(sub, report))
+        _failed(report, *_time_aware(sub, report, _proven_time(status)))
     if isinstance(status, PdfSignatureStatus):
         tst = status.timestamp_validity
         if tst is not None:
@@ -720,19 +756,36 @@ def _apply_status(
             _failed(report, SubIndication.SIG_CONSTRAINTS_FAILURE)
 
 
-def _time_aware(sub: SubIndication, report: SignatureReport) -> tuple[SubIndication, Indication]:
-    """Turn an 'out of bounds' trust problem into EXPIRED / NOT_YET_VALID (FAILED) when a
-    trusted timestamp proves the signature was made outside the certificate's validity."""
+def _proven_time(status: PdfSignatureStatus | TimestampSignatureStatus) -> dt.datetime | None:
+    """The time of a timestamp that covers the signature, verifies and chains to a trusted TSA
+    (a document timestamp: its own time), or None."""
+    if isinstance(status, TimestampSignatureStatus):
+        return status.timestamp
+    tst = status.timestamp_validity
+    if tst is None or not (tst.intact and tst.valid) or tst.trust_problem_indic is not None:
+        return None
+    return tst.timestamp
+
+
+def _time_aware(
+    sub: SubIndication, report: SignatureReport, proven: dt.datetime | None
+) -> tuple[SubIndication, Indication]:
+    """Turn an 'out of bounds' trust problem into NOT_YET_VALID (FAILED) when a verified,
+    trusted timestamp (``proven``, see :func:`_proven_time`) shows the signature existed
+    before the certificate became valid.
+
+    A timestamp after expiry proves nothing of the kind: it bounds the signing time from
+    above only, so an expired certificate stays INDETERMINATE / OUT_OF_BOUNDS_NO_POE.
+    """
     signer = report.signer
-    proven = report.timestamp_time
     if signer is not None and proven is not None and sub in (
         SubIndication.OUT_OF_BOUNDS_NO_POE, SubIndication.OUT_OF_BOUNDS_NOT_REVOKED,
         SubIndication.EXPIRED, SubIndication.NOT_YET_VALID,
     ):
-        if proven > signer.not_after:
-            return SubIndication.EXPIRED, Indication.FAILED
         if proven < signer.not_before:
             return SubIndication.NOT_YET_VALID, Indication.FAILED
+        if proven > signer.not_after:
+            return SubIndication.OUT_OF_BOUNDS_NO_POE, Indication.INDETERMINATE
     return sub, _indication_of(sub)
 
 
