@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import io
 import logging
 import re
-import socket
 import subprocess
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 import pytest
@@ -31,6 +27,7 @@ from pyhanko.sign import signers
 
 import keys
 from keys import Role
+from tests.servers import WsgiApp, closed_port_url, wsgi_server
 from tests.validators import pyhanko_status
 from timestamp import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -122,35 +119,6 @@ def _status(der: bytes) -> tuple[str, set[str], str]:
     status = _parse(der)["status"]
     texts = status["status_string"].native or []
     return status["status"].native, set(status["fail_info"].native or ()), "; ".join(texts)
-
-
-def _closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-WsgiApp = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
-
-
-@contextlib.contextmanager
-def _serve(app: WsgiApp) -> Iterator[str]:
-    """Serve a (misbehaving) WSGI app on loopback for one test."""
-    server = make_server("127.0.0.1", 0, app, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def _timestamp(stamper: Any, data: bytes = DATA, algorithm: str = "sha256") -> Any:
@@ -473,7 +441,7 @@ def test_client_returns_token_for_our_digest(
 def test_client_falls_back_to_the_next_url(
     tsa_url: str, root_cert: asn1_x509.Certificate, caplog: pytest.LogCaptureFixture
 ) -> None:
-    down = _closed_port_url()
+    down = closed_port_url()
     with caplog.at_level(logging.WARNING, logger="timestamp"):
         token = _timestamp(TsaClient([down, tsa_url], trust_roots=[root_cert]))
     assert token["content_type"].native == "signed_data"
@@ -482,7 +450,7 @@ def test_client_falls_back_to_the_next_url(
 
 
 def test_client_with_every_url_down_raises(root_cert: asn1_x509.Certificate) -> None:
-    urls = [_closed_port_url(), _closed_port_url()]
+    urls = [closed_port_url(), closed_port_url()]
     client = TsaClient(urls, trust_roots=[root_cert], timeout=2)
     with pytest.raises(TimestampError) as caught:
         _timestamp(client)
@@ -495,7 +463,7 @@ def test_client_with_every_url_down_raises(root_cert: asn1_x509.Certificate) -> 
 
 
 def test_credentials_in_urls_stay_out_of_errors(root_cert: asn1_x509.Certificate) -> None:
-    url = _closed_port_url().replace("http://", "http://user:s3cret@") + "?apikey=s3cret"
+    url = closed_port_url().replace("http://", "http://user:s3cret@") + "?apikey=s3cret"
     with pytest.raises(TimestampError) as caught:
         _timestamp(TsaClient([url], trust_roots=[root_cert], timeout=2))
     assert "s3cret" not in str(caught.value) and "s3cret" not in repr(caught.value.fields)
@@ -522,7 +490,7 @@ def _constant_app(status: str, content_type: str, body: bytes) -> WsgiApp:
 def test_broken_tsa_is_rejected(
     app: WsgiApp, reason: str, root_cert: asn1_x509.Certificate
 ) -> None:
-    with _serve(app) as url, pytest.raises(TimestampError) as caught:
+    with wsgi_server(app) as url, pytest.raises(TimestampError) as caught:
         _timestamp(TsaClient([url], trust_roots=[root_cert]))
     assert reason in caught.value.fields["attempts"][url]
 
@@ -568,7 +536,8 @@ def test_valid_token_for_another_request_is_rejected(
     tamper: Callable[[Any], None],
     reason: str,
 ) -> None:
-    with _serve(_tampering_app(authority, tamper)) as url, pytest.raises(TimestampError) as caught:
+    app = _tampering_app(authority, tamper)
+    with wsgi_server(app) as url, pytest.raises(TimestampError) as caught:
         _timestamp(TsaClient([url], trust_roots=[root_cert]))
     assert reason in caught.value.fields["attempts"][url]
 
