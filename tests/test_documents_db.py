@@ -147,7 +147,7 @@ def test_upgrade_from_empty_creates_the_table_at_head(
 
     upgrade(db_url)
 
-    assert current(db_url) == head() == "0001"
+    assert current(db_url) == head() is not None
     engine = make_engine(db_url)
     try:
         inspector = inspect(engine)
