@@ -29,8 +29,6 @@ from pyhanko.sign.validation import read_certification_data
 from pyhanko_certvalidator import ValidationContext
 from pyhanko_certvalidator.errors import PathBuildingError, PathValidationError
 
-from timestamp.errors import TimestampError
-
 from ._docid import new_document_id
 from ._era import format_japanese_datetime
 from ._pdf_input import open_for_signing, page_box, resolve_page_index
@@ -277,6 +275,14 @@ def _check_certification(reader: PdfFileReader, options: SignOptions) -> None:
     """
     certification = read_certification_data(reader)
     if certification is None:
+        if options.certify and any(
+            value is not None for _, value, _ in fields.enumerate_sig_fields(reader)
+        ):
+            raise SigningError(
+                "既に署名がある PDF には認証署名(DocMDP)を付けられません。",
+                "A certification signature must be the first signature; this PDF is "
+                "already signed.",
+            )
         return
     if options.certify:
         raise SigningError(
@@ -359,8 +365,6 @@ def _run(
             output=out,
             appearance_text_params=text_params,
         )
-    except TimestampError:
-        raise
     except (PathBuildingError, PathValidationError) as exc:
         raise SigningError(
             "署名用証明書の検証に失敗しました(信頼点・CRL を確認してください)。",
@@ -368,11 +372,6 @@ def _run(
         ) from exc
     except (PyHankoSigningError, PdfError) as exc:
         message = str(exc)
-        if "certif" in message.lower() and "signature" in message.lower():
-            raise SigningError(
-                "既に署名がある PDF には認証署名(DocMDP)を付けられません。",
-                f"A certification signature must be the first signature: {message}",
-            ) from exc
         raise SigningError(
             f"署名できませんでした: {message}", f"Signing failed: {message}"
         ) from exc
