@@ -140,6 +140,18 @@ def _configure_sqlite_connection(dbapi_connection: Any, _connection_record: Any)
         cursor.close()
 
 
+def _create_private_file(database: str | None) -> None:
+    """Create the SQLite file (and its WAL/SHM companions' folder) readable by the owner only:
+    it holds password hashes and evidence."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``: SQLite with foreign keys, WAL and a busy timeout, or PostgreSQL
     through psycopg 3. No connection is opened yet. Call ``dispose()`` when done.
@@ -148,6 +160,7 @@ def make_engine(url: str) -> Engine:
     """
     parsed = _sqlalchemy_url(url)
     if parsed.get_backend_name() == "sqlite":
+        _create_private_file(parsed.database)
         engine = create_engine(parsed)
         event.listen(engine, "connect", _configure_sqlite_connection)
         return engine

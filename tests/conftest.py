@@ -13,6 +13,9 @@ from signer import Installation
 from signer.samples import make_permit_pdf
 from tests.validators import make_nss_db
 
+# Database fixtures (db_url, engine, sessions, postgres_url): SQLite and PostgreSQL.
+pytest_plugins = ["tests.db"]
+
 PUBLIC_URL = "http://127.0.0.1:8000"
 PASSPHRASE = "test-passphrase-not-secret"
 

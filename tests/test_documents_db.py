@@ -1,19 +1,12 @@
-"""The record of signed documents and its migrations, on SQLite and on a real PostgreSQL.
-
-PostgreSQL comes from ``KOIN_TEST_DATABASE_URL`` (default
-``postgresql://postgres@127.0.0.1:5432/test``); each test gets its own schema, dropped
-afterwards, so several test sessions can share the database.
-"""
+"""The record of signed documents and its migrations, on SQLite and on a real PostgreSQL
+(fixtures in :mod:`tests.db`)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
-import secrets
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +16,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from contracts import (
@@ -43,77 +35,9 @@ from contracts import (
 )
 from contracts.migrate import current, head, upgrade
 from signer import JST, SignatureLevel, new_document_id
+from tests.db import DEFAULT_POSTGRES_URL
 
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 SUBJECT = "CN=Governor of Ibaraki Prefecture,O=Ibaraki Prefecture,C=JP"
-
-
-# -- databases --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """The PostgreSQL server of the test suite; a test that needs it fails if it is down."""
-    url = os.environ.get("KOIN_TEST_DATABASE_URL") or DEFAULT_POSTGRES_URL
-    engine = make_engine(url)
-    problem = None
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except OperationalError as exc:
-        problem = exc.orig
-    finally:
-        engine.dispose()
-    if problem is not None:
-        shown = make_url(url).render_as_string(hide_password=True)
-        pytest.fail(
-            f"PostgreSQL at {shown} is not reachable: {problem}\n"
-            f"Start it with:  {START_POSTGRES}\n"
-            "or point KOIN_TEST_DATABASE_URL at another server.",
-            pytrace=False,
-        )
-    return url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a SQLite file, or a fresh schema of the test PostgreSQL whose name
-    the connection URL puts first on the search path (with a Japanese session time zone)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/koin.db"
-        return
-    admin_url: str = request.getfixturevalue("postgres_url")
-    schema = f"koin_test_{secrets.token_hex(6)}"
-    admin = make_engine(admin_url)
-    try:
-        with admin.begin() as connection:
-            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(admin_url)
-        given = url.query.get("options", ())
-        options = " ".join(
-            [*([given] if isinstance(given, str) else given)]
-            + [f"-csearch_path={schema}", "-ctimezone=Asia/Tokyo"]
-        )
-        yield url.update_query_dict({"options": options}).render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text("SET LOCAL lock_timeout = '10s'"))
-            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    upgrade(db_url)
-    engine = make_engine(db_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_session_factory(engine)
 
 
 def fields(document_id: str | None = None, **overrides: Any) -> dict[str, Any]:
@@ -447,3 +371,17 @@ def test_racing_writers_leave_exactly_one_row(sessions: sessionmaker[Session]) -
     with sessions() as session:
         stored = get_document(session, document_id)
         assert stored is not None and stored.sha256 == winners[0]
+
+
+def test_sqlite_database_file_is_owner_only(tmp_path: Path) -> None:
+    import stat
+
+    from contracts import database_url, make_engine
+
+    engine = make_engine(database_url(tmp_path / "home"))
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+    assert stat.S_IMODE((tmp_path / "home" / "koin.db").stat().st_mode) == 0o600
