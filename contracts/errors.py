@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from collections.abc import Sequence
 
 from keys.errors import KoinError
 
-__all__ = ["ContractsError", "DocumentNotFound", "DuplicateDocument"]
+__all__ = [
+    "AlreadyResponded",
+    "CompletionError",
+    "ContractNotFound",
+    "ContractNotOpen",
+    "DocumentMismatch",
+    "IdentificationRequired",
+    "InvalidContractData",
+    "InvalidContractState",
+    "LinkAlreadyUsed",
+    "LinkExpired",
+    "LinkInvalid",
+    "MailError",
+    "NotYourTurn",
+    "PartyLocked",
+    "WorkflowError",
+    "AccountDisabled",
+    "AccountError",
+    "AccountLocked",
+    "ContractsError",
+    "DocumentNotFound",
+    "DuplicateDocument",
+    "InvalidAccountData",
+    "LoginFailed",
+    "UserExists",
+]
 
 
 class ContractsError(KoinError):
@@ -46,3 +73,247 @@ class DocumentNotFound(ContractsError):
             document_id=document_id,
         )
         self.document_id = document_id
+
+
+# -- staff accounts ---------------------------------------------------------------------------
+
+
+class AccountError(ContractsError):
+    """Root of the errors of staff accounts (:mod:`contracts.accounts`)."""
+
+
+class LoginFailed(AccountError):
+    """The email address or the password is wrong. Deliberately one message for both, so that a
+    login form does not tell which addresses have accounts."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "メールアドレスまたはパスワードが正しくありません。",
+            "The email address or password is incorrect.",
+        )
+
+
+class AccountLocked(AccountError):
+    """Too many failed logins in a row: the account refuses logins until ``locked_until``.
+
+    :ivar locked_until: aware UTC time at which logins are accepted again.
+    """
+
+    def __init__(self, locked_until: dt.datetime, now: dt.datetime) -> None:
+        minutes = max(1, math.ceil((locked_until - now).total_seconds() / 60))
+        super().__init__(
+            "ログインに続けて失敗したため、このアカウントは一時的にロックされています。"
+            f"{minutes} 分ほど待ってから、もう一度お試しください。",
+            "This account is temporarily locked after too many failed logins. "
+            f"Try again in about {minutes} minute{'s' if minutes != 1 else ''}.",
+            locked_until=locked_until.isoformat(),
+        )
+        self.locked_until = locked_until
+
+
+class AccountDisabled(AccountError):
+    """The password is right, but the account has been switched off by an administrator.
+    (Raised only after a correct password, so it tells a stranger nothing.)"""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "このアカウントは無効になっています。管理者にお問い合わせください。",
+            "This account has been disabled. Please contact an administrator.",
+        )
+
+
+class UserExists(AccountError):
+    """An account with this email address already exists.
+
+    :ivar email: the normalised (lower-case) address.
+    """
+
+    def __init__(self, email: str) -> None:
+        super().__init__(
+            f"メールアドレス {email} のアカウントは既にあります。",
+            f"An account with the email address {email} already exists.",
+            email=email,
+        )
+        self.email = email
+
+
+class InvalidAccountData(AccountError):
+    """An email address, password, name or role offered for an account is unusable.
+
+    :ivar field: which one (``email``, ``password``, ``display_name`` or ``roles``).
+    """
+
+    def __init__(self, field: str, message: str, message_en: str) -> None:
+        super().__init__(message, message_en, field=field)
+        self.field = field
+
+
+# -- witness-type contracts -------------------------------------------------------------------
+
+
+class WorkflowError(ContractsError):
+    """Root of the errors of witness-type contracts (:mod:`contracts.workflow`)."""
+
+
+class InvalidContractData(WorkflowError):
+    """A title, party, code or setting offered for a contract is unusable.
+
+    :ivar field: which one (``title``, ``parties``, ``email``, ``access_code``, …).
+    """
+
+    def __init__(self, field: str, message: str, message_en: str) -> None:
+        super().__init__(message, message_en, field=field)
+        self.field = field
+
+
+class ContractNotFound(WorkflowError):
+    """No contract has this public ID."""
+
+    def __init__(self, public_id: str) -> None:
+        super().__init__(
+            f"契約 {public_id} は見つかりません。",
+            f"There is no contract {public_id}.",
+            public_id=public_id,
+        )
+        self.public_id = public_id
+
+
+class InvalidContractState(WorkflowError):
+    """The contract's status does not allow the requested action (e.g. sending it twice).
+
+    :ivar status: the contract's status value.
+    :ivar action: what was asked (``send``, ``cancel``, ``complete``, …).
+    """
+
+    def __init__(
+        self, public_id: str, status: str, label_ja: str, label_en: str, action: str
+    ) -> None:
+        super().__init__(
+            f"契約 {public_id} は現在「{label_ja}」のため、この操作({action})はできません。",
+            f"Contract {public_id} is {label_en}; the action '{action}' is not possible now.",
+            public_id=public_id,
+            status=status,
+            action=action,
+        )
+        self.status = status
+        self.action = action
+
+
+class LinkInvalid(WorkflowError):
+    """The link's token is unknown (mistyped, truncated or forged). One message for every
+    such case, so that the page tells nothing about which tokens exist."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "このリンクは無効です。メールに記載されたリンクをそのまま開いてください。",
+            "This link is not valid. Open the link exactly as it appears in the email.",
+        )
+
+
+class LinkExpired(WorkflowError):
+    """The link is past its validity (a newer mail may hold a fresh link)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "このリンクは有効期限が切れています。最新のメールのリンクを開くか、"
+            "県の担当者にお問い合わせください。",
+            "This link has expired. Open the link in the most recent email, or contact the "
+            "prefecture's officer.",
+        )
+
+
+class LinkAlreadyUsed(WorkflowError):
+    """The link was already used to answer (consent or decline)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "このリンクは既に使用されました(回答済みです)。",
+            "This link has already been used; your answer has been recorded.",
+        )
+
+
+class ContractNotOpen(WorkflowError):
+    """The contract does not await answers (draft, completed, declined, cancelled, expired).
+
+    :ivar status: the contract's status value.
+    """
+
+    def __init__(self, status: str, label_ja: str, label_en: str) -> None:
+        super().__init__(
+            f"この契約は「{label_ja}」のため、確認・回答はできません。",
+            f"This contract is {label_en}; it can no longer be reviewed or answered.",
+            status=status,
+        )
+        self.status = status
+
+
+class PartyLocked(WorkflowError):
+    """Too many wrong codes: the party can no longer identify; the officer has to help."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "確認コードを続けて間違えたため、このリンクはロックされました。"
+            "県の担当者にお問い合わせください。",
+            "This link is locked after too many wrong codes. Please contact the prefecture's "
+            "officer.",
+        )
+
+
+class AlreadyResponded(WorkflowError):
+    """The party has already consented or declined.
+
+    :ivar status: ``consented`` or ``declined``.
+    """
+
+    def __init__(self, status: str) -> None:
+        answer_ja = "同意" if status == "consented" else "不同意"
+        super().__init__(
+            f"この契約には既に回答済みです({answer_ja})。",
+            f"You have already answered this contract ({status}).",
+            status=status,
+        )
+        self.status = status
+
+
+class NotYourTurn(WorkflowError):
+    """Sequential signing: an earlier party has not consented yet."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "この契約は順番に同意する方式です。前の当事者の同意をお待ちください。",
+            "This contract is answered in order; please wait until the previous party has "
+            "consented.",
+        )
+
+
+class IdentificationRequired(WorkflowError):
+    """The party has not (or no longer) passed identification since the link was opened."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "本人確認が済んでいません。確認コードを入力してください。",
+            "Identification is required; please enter your code first.",
+        )
+
+
+class DocumentMismatch(WorkflowError):
+    """The document the party reviewed is not this contract's original."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "確認した文書が、この契約の契約書と一致しません。ページを開き直してください。",
+            "The document you reviewed is not this contract's document; reload the page.",
+        )
+
+
+class CompletionError(WorkflowError):
+    """The contract could not be completed (signed) right now; the periodic job retries."""
+
+
+# -- mail -------------------------------------------------------------------------------------
+
+
+class MailError(ContractsError):
+    """A message could not be handed to the mail server, or the mail settings are unusable
+    (``KOIN_SMTP_URL``, ``KOIN_MAIL_FROM``). Fields: ``server`` (URL without password) and
+    ``reason`` (the server's answer) where known; never credentials."""

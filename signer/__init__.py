@@ -1,5 +1,11 @@
 """PAdES signing core: sign PDFs with a role's key, a visible seal stamp and a timestamp."""
 
+from ._agreement import (
+    AgreementCertificate,
+    AgreementParty,
+    append_agreement_certificate,
+    check_unsigned_pdf,
+)
 from ._assets import draw_demo_seal, extract_cjk_font, find_system_font
 from ._docid import is_document_id, new_document_id
 from ._era import JST, format_japanese_datetime, japanese_era_year
@@ -27,6 +33,7 @@ from ._verify import (
     verify_pdf,
 )
 from .errors import (
+    AlreadySignedPdfError,
     EncryptedPdfError,
     InvalidPdfError,
     PlacementError,
@@ -36,6 +43,11 @@ from .errors import (
 )
 
 __all__ = [
+    "AgreementCertificate",
+    "AgreementParty",
+    "AlreadySignedPdfError",
+    "append_agreement_certificate",
+    "check_unsigned_pdf",
     "CertificateInfo",
     "Change",
     "ChangeKind",

@@ -8,6 +8,7 @@ __all__ = [
     "VerifyInputError",
     "InvalidPdfError",
     "EncryptedPdfError",
+    "AlreadySignedPdfError",
     "PlacementError",
     "SigningError",
     "StampAssetError",
@@ -24,6 +25,11 @@ class InvalidPdfError(SigningError):
 
 class EncryptedPdfError(InvalidPdfError):
     """The input is encrypted (password or certificate); koin does not sign encrypted PDFs."""
+
+
+class AlreadySignedPdfError(SigningError):
+    """The input already carries a signature, where an unsigned original is required (the
+    original of a witness-type contract)."""
 
 
 class PlacementError(SigningError):

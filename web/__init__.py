@@ -26,11 +26,21 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         KOIN_DATABASE_URL=settings.database_url,
         KOIN_MAX_UPLOAD_BYTES=settings.max_upload_bytes,
         KOIN_VERIFY_TIME_LIMIT=settings.verify_time_limit,
+        # Development mode: /dev/mailbox and other pages that must not exist in production.
+        KOIN_DEV_MODE=bool(settings.dev_mode),
         # the whole request may carry a little more than the file (multipart framing)
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + 1024 * 1024,
         BABEL_DEFAULT_LOCALE="ja",
         BABEL_DEFAULT_TIMEZONE="Asia/Tokyo",
         JSON_AS_ASCII=False,
+        # Staff sessions (web.auth): a signed cookie, 8 hours at most, Secure when the public
+        # URL is https (None = decide from KOIN_PUBLIC_URL).
+        SESSION_COOKIE_NAME="koin_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=None,
+        PERMANENT_SESSION_LIFETIME=8 * 3600,
+        WTF_CSRF_TIME_LIMIT=8 * 3600,
     )
     if config:
         app.config.from_mapping(config)
@@ -38,11 +48,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config["MAX_CONTENT_LENGTH"] = int(config["KOIN_MAX_UPLOAD_BYTES"]) + 1024 * 1024
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
 
-    from . import api, i18n, pki, services, verify_views
+    from . import api, auth, i18n, pki, services, verify_views
 
     i18n.init_app(app)
     services.init_app(app)
+    auth.init_app(app)
+    # CSRF protects every form; exempt are the stateless public verification (page and API,
+    # side-effect free) and the RFC 3161 TSA endpoint (machine-to-machine, no cookies).
+    auth.csrf.exempt(api.bp)
+    auth.csrf.exempt(verify_views.bp)
+    auth.csrf.exempt(pki.tsa)
+    app.register_blueprint(auth.bp)
     app.register_blueprint(pki.bp)
     app.register_blueprint(verify_views.bp)
     app.register_blueprint(api.bp)
+    if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
+        from . import devmail_views
+
+        app.register_blueprint(devmail_views.bp)
     return app

@@ -10,24 +10,34 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from sqlalchemy.orm import Session, sessionmaker
 
 import keys as keys_lib
+from contracts.accounts import UserRole
 from keys import KoinError, Role
 from signer import MM as POINTS_PER_MM
 from signer import Installation, Placement, SignatureLevel, SignOptions
 
 from .config import Settings
 
+if TYPE_CHECKING:
+    from contracts import SmtpTransport
+    from contracts.devmail import DevMailServer
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_REFUSED = 1
 EXIT_INTERNAL = 3
+
+#: The first administrator that ``koin init`` creates when there is none.
+DEFAULT_ADMIN_EMAIL = "admin@koin.local"
 
 log = logging.getLogger("koin")
 
@@ -67,10 +77,14 @@ def _installation(settings: Settings) -> Installation:
 
 @cli.command()
 @click.option("--public-url", help="URL of this service (default: KOIN_PUBLIC_URL).")
+@click.option("--admin-email", default=DEFAULT_ADMIN_EMAIL, show_default=True,
+              help="Email of the first administrator, created (with a password printed once) "
+              "if there is no administrator yet.")
 @click.pass_obj
 @refusals_exit_1
-def init(settings: Settings, public_url: str | None) -> None:
-    """Set up KOIN_HOME: demo PKI and key store, stamp font, demo seal (idempotent)."""
+def init(settings: Settings, public_url: str | None, admin_email: str) -> None:
+    """Set up KOIN_HOME: demo PKI and key store, stamp font, demo seal, session secret, database
+    and a first administrator (idempotent)."""
     installation = Installation(settings.home, public_url=public_url or settings.public_url)
     report = installation.initialize()
     _upgrade_database(settings)
@@ -87,6 +101,56 @@ def init(settings: Settings, public_url: str | None) -> None:
     for path in report.assets_created:
         click.echo(f"作成: {path}")
     click.echo(f"ルート証明書: {home / 'pki' / 'root-ca.pem'}")
+    secret_file = _create_secret_key_file(settings)
+    if secret_file is not None:
+        click.echo(f"作成: {secret_file}")
+    _ensure_first_admin(settings, admin_email)
+
+
+def _create_secret_key_file(settings: Settings) -> Path | None:
+    """:raises KoinError: KOIN_HOME cannot be written."""
+    from .auth import SECRET_KEY_ENV, create_secret_key_file
+
+    try:
+        return create_secret_key_file(settings.home)
+    except OSError as exc:
+        raise KoinError(
+            f"セッション用の秘密鍵を {settings.home} に書けません。",
+            f"Cannot write the session secret into {settings.home} ({exc.__class__.__name__}); "
+            f"check the folder or set {SECRET_KEY_ENV}.",
+        ) from exc
+
+
+def _ensure_first_admin(settings: Settings, email: str) -> None:
+    """Create the first administrator unless there is one; print its password this once.
+
+    :raises KoinError: ``email`` is unusable or belongs to an account that is not an admin.
+    """
+    import contracts
+
+    engine = contracts.make_engine(_database_url(settings))
+    try:
+        with contracts.session_scope(contracts.make_session_factory(engine)) as session:
+            created = contracts.create_first_admin(session, email)
+    except contracts.UserExists as exc:
+        raise KoinError(
+            f"{exc.email} のアカウントは管理者ではありません。--admin-email で別のアドレスを"
+            "指定してください。",
+            f"The account {exc.email} is not an administrator; give another --admin-email.",
+        ) from exc
+    finally:
+        engine.dispose()
+    if created is None:
+        click.echo("管理者のアカウントは既にあります。")
+        return
+    admin, password = created
+    click.echo(f"管理者のアカウントを作成しました: {admin.email}")
+    _show_password_once(password)
+
+
+def _show_password_once(password: str) -> None:
+    # stdout only, never the log: this is the one place the password is ever shown
+    click.echo(f"初期パスワード(この一度だけ表示します。安全な場所に控えてください): {password}")
 
 
 def _database_url(settings: Settings) -> str:
@@ -113,10 +177,16 @@ def _upgrade_database(settings: Settings) -> None:
         ) from exc
 
 
-def _sessions(settings: Settings) -> Any:
+@contextmanager
+def _sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """A session factory on this installation's database, disposed of afterwards."""
     import contracts
 
-    return contracts.make_session_factory(contracts.make_engine(_database_url(settings)))
+    engine = contracts.make_engine(_database_url(settings))
+    try:
+        yield contracts.make_session_factory(engine)
+    finally:
+        engine.dispose()
 
 
 def _parse_box(text: str, units: str) -> tuple[float, float, float, float]:
@@ -204,10 +274,11 @@ def sign(
     from contracts import sign_and_record
 
     _upgrade_database(settings)
-    result = sign_and_record(
-        _sessions(settings), input_pdf, context, options, role=Role(role),
-        file_name=input_pdf.name, output=output_pdf,
-    )
+    with _sessions(settings) as sessions:
+        result = sign_and_record(
+            sessions, input_pdf, context, options, role=Role(role),
+            file_name=input_pdf.name, output=output_pdf,
+        )
     summary = {
         "output": str(output_pdf),
         "document_id": result.document_id,
@@ -282,6 +353,68 @@ def db_upgrade(settings: Settings) -> None:
 
     _upgrade_database(settings)
     click.echo(f"データベースは最新です: {migrate.current(_database_url(settings))}")
+
+
+@cli.group("users")
+def users_group() -> None:
+    """Staff accounts."""
+
+
+@users_group.command("create")
+@click.argument("email")
+@click.option("--role", "roles", multiple=True, required=True,
+              type=click.Choice([role.value for role in UserRole]),
+              help="Role of the account; repeat for several.")
+@click.option("--name", help="Display name (default: the part of EMAIL before the @).")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File holding the password (default: generate one and print it once).")
+@click.pass_obj
+@refusals_exit_1
+def users_create(
+    settings: Settings,
+    email: str,
+    roles: Sequence[str],
+    name: str | None,
+    password_file: Path | None,
+) -> None:
+    """Create a staff account for EMAIL. Running it again for an account that already exists
+    with these roles changes nothing (and shows no password); other roles are refused."""
+    import contracts
+
+    password = None
+    if password_file is not None:
+        try:
+            password = password_file.read_text("utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KoinError(
+                f"パスワードファイル {password_file} を読めません。",
+                f"Cannot read the password file {password_file} ({exc.__class__.__name__}).",
+            ) from exc
+    _upgrade_database(settings)
+    engine = contracts.make_engine(_database_url(settings))
+    try:
+        with contracts.session_scope(contracts.make_session_factory(engine)) as session:
+            try:
+                user, generated = contracts.create_user(
+                    session, email, roles, display_name=name, password=password
+                )
+            except contracts.UserExists as exc:
+                existing = contracts.get_user_by_email(session, exc.email)
+                if existing is None or existing.roles != {UserRole(role) for role in roles} or (
+                    name is not None and existing.display_name != " ".join(name.split())
+                ):
+                    raise KoinError(
+                        f"{exc.message}役割や表示名は変更しません。",
+                        f"{exc.message_en} Its roles and name are left unchanged.",
+                        email=exc.email,
+                    ) from exc
+                click.echo(f"アカウントは既にあります(変更なし): {existing.email}")
+                return
+    finally:
+        engine.dispose()
+    click.echo(f"アカウントを作成しました: {user.email} ({', '.join(sorted(user.roles))})")
+    if generated is not None:
+        _show_password_once(generated)
 
 
 @cli.group("keys")
@@ -367,6 +500,104 @@ def tsa_serve(settings: Settings, host: str, port: int) -> None:
     serve(authority, host, port)
 
 
+def _start_mail_transport(
+    settings: Settings, dev_port: int | None
+) -> tuple[SmtpTransport, DevMailServer | None]:
+    """The SMTP server of KOIN_SMTP_URL; without one, the development mailbox (an SMTP server
+    filing mail into KOIN_HOME/mail), started on ``dev_port`` (0: any free port; None: 8025,
+    or any free port if that is taken).
+
+    :raises KoinError: the URL is unusable or the development server cannot listen.
+    """
+    from contracts import MailError, SmtpTransport
+    from contracts.devmail import DEFAULT_DEV_SMTP_PORT, DevMailServer
+
+    if settings.smtp_url:
+        return SmtpTransport.from_url(settings.smtp_url), None
+    port = DEFAULT_DEV_SMTP_PORT if dev_port is None else dev_port
+    server = DevMailServer(settings.home, port=port)
+    try:
+        server.start()
+    except MailError:
+        if dev_port is not None:
+            raise
+        server = DevMailServer(settings.home, port=0)
+        server.start()
+        log.warning("port %d is taken; the development mailbox listens on %s instead",
+                    DEFAULT_DEV_SMTP_PORT, server.url)
+    return server.transport(), server
+
+
+@cli.group("mail")
+def mail_group() -> None:
+    """Outgoing mail (the outbox)."""
+
+
+@mail_group.command("deliver")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Send at most this many messages.")
+@click.pass_obj
+@refusals_exit_1
+def mail_deliver(settings: Settings, limit: int) -> None:
+    """Send the queued mail that is due, once (e.g. from cron; `koin serve` does it itself).
+
+    Without KOIN_SMTP_URL the mail is filed in the development mailbox (KOIN_HOME/mail).
+    Messages that fail stay queued and are retried later; the exit code is 0 all the same.
+    """
+    import contracts
+
+    contracts.mail.validate_sender(settings.mail_from)
+    _upgrade_database(settings)
+    transport, dev_server = _start_mail_transport(settings, dev_port=0)
+    engine = contracts.make_engine(_database_url(settings))
+    try:
+        report = contracts.deliver_due(
+            contracts.make_session_factory(engine), transport, limit=limit,
+            sender=settings.mail_from,
+        )
+    finally:
+        engine.dispose()
+        if dev_server is not None:
+            dev_server.stop()
+    click.echo(
+        f"メールを送信しました: {len(report.sent)} 件"
+        + (f"、失敗 {len(report.failed)} 件(後で再送します)" if report.failed else "")
+    )
+
+
+@cli.group("jobs")
+def jobs_group() -> None:
+    """Periodic work of witness-type contracts (run from cron or a systemd timer)."""
+
+
+@jobs_group.command("run-due")
+@click.pass_obj
+@refusals_exit_1
+def jobs_run_due(settings: Settings) -> None:
+    """Remind parties who have not answered, expire overdue contracts and finish contracts
+    whose witness signature is still due. Exit code 1 if any contract failed (it is retried
+    on the next run)."""
+    import contracts
+
+    _upgrade_database(settings)
+    engine = contracts.make_engine(_database_url(settings))
+    try:
+        report = contracts.run_due(
+            contracts.make_session_factory(engine), _installation(settings),
+            public_url=settings.public_url, tsa_urls=settings.tsa_urls,
+        )
+    finally:
+        engine.dispose()
+    click.echo(
+        f"督促 {report.reminders_sent} 件、期限切れ {len(report.expired)} 件、"
+        f"締結 {len(report.completed)} 件、失敗 {len(report.failed)} 件"
+    )
+    for public_id, message in report.failed:
+        _say_error(f"{public_id}: {' '.join(message.split())}")
+    if report.failed:
+        sys.exit(EXIT_REFUSED)
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
@@ -381,9 +612,32 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
     if run_init:
         _installation(settings).initialize()
         _upgrade_database(settings)
-    app = create_app()
-    click.echo(f"koin: http://{host}:{port}/ (Ctrl-C で終了)", err=True)
-    app.run(host=host, port=port, threaded=True, use_reloader=False)
+    import contracts
+
+    from . import services
+
+    sender = contracts.mail.validate_sender(settings.mail_from)
+    # Development mode unless configured: by default, on exactly when mail stays local.
+    dev_mode = settings.dev_mode if settings.dev_mode is not None else not settings.smtp_url
+    transport, dev_server = _start_mail_transport(settings, settings.dev_smtp_port)
+    try:
+        app = create_app({"KOIN_DEV_MODE": dev_mode})
+        with app.app_context():
+            worker = contracts.MailWorker(services.session_factory(), transport, sender=sender)
+        if dev_server is None:
+            click.echo(f"koin: メールの送信先 {transport.url}", err=True)
+        elif dev_mode:
+            click.echo(f"koin: 開発用メールボックス http://{host}:{port}/dev/mailbox "
+                       f"(SMTP {dev_server.url})", err=True)
+        else:
+            click.echo(f"koin: 開発用メールボックス {dev_server.folder} (SMTP {dev_server.url})",
+                       err=True)
+        click.echo(f"koin: http://{host}:{port}/ (Ctrl-C で終了)", err=True)
+        with worker:
+            app.run(host=host, port=port, threaded=True, use_reloader=False)
+    finally:
+        if dev_server is not None:
+            dev_server.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

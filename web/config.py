@@ -13,6 +13,12 @@ def _split(value: str) -> list[str]:
     return [part for part in value.replace(",", " ").split() if part]
 
 
+def _flag(value: str | None) -> bool | None:
+    if value is None or not value.strip():
+        return None
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class Settings:
     #: Folder holding keys, database and files of this installation.
@@ -36,4 +42,23 @@ class Settings:
     #: Language of messages on the command line and default UI ("ja" or "en").
     language: str = field(
         default_factory=lambda: "en" if os.environ.get("KOIN_LANG", "ja").startswith("en") else "ja"
+    )
+    #: SMTP server for outgoing mail, ``smtp://`` or ``smtps://`` (see contracts._smtp); None:
+    #: ``koin serve`` runs the development mailbox instead.
+    smtp_url: str | None = field(
+        default_factory=lambda: os.environ.get("KOIN_SMTP_URL", "").strip() or None
+    )
+    #: ``From`` of outgoing mail; None: contracts.mail.DEFAULT_MAIL_FROM.
+    mail_from: str | None = field(
+        default_factory=lambda: os.environ.get("KOIN_MAIL_FROM", "").strip() or None
+    )
+    #: Development mode (``KOIN_DEV_MODE=1``): pages such as /dev/mailbox exist. None when
+    #: unset: off in create_app, on in ``koin serve`` when there is no KOIN_SMTP_URL.
+    dev_mode: bool | None = field(default_factory=lambda: _flag(os.environ.get("KOIN_DEV_MODE")))
+    #: Port of the development mailbox's SMTP server in ``koin serve``; None when unset: 8025,
+    #: or any free port if 8025 is taken.
+    dev_smtp_port: int | None = field(
+        default_factory=lambda: int(os.environ["KOIN_DEV_SMTP_PORT"])
+        if os.environ.get("KOIN_DEV_SMTP_PORT", "").strip()
+        else None
     )

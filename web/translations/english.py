@@ -74,6 +74,29 @@ ENGLISH = {
         "Checks the electronic signatures and timestamps of a PDF issued by Ibaraki Prefecture. "
         "The file is used only for the check and is not stored."
     ),
+    # staff login (web/auth.py, templates/login.html, base.html)
+    "職員ログイン": "Staff login",
+    "メールアドレス": "Email address",
+    "パスワード": "Password",
+    "ログイン": "Log in",
+    "ログアウト": "Log out",
+    "ログアウトしました。": "You have been logged out.",
+    "県の職員用のページです。文書の検証にはログインは不要です。": (
+        "This page is for prefecture staff. Verifying a document needs no login."
+    ),
+    # development mailbox (web/devmail_views.py, templates/dev_mail*.html)
+    "開発用メールボックス": "Development mailbox",
+    "開発モードです。送信したメールは届けられず、ここに保存されます。": (
+        "Development mode: mail is not delivered but kept here."
+    ),
+    "受信日時": "Received",
+    "宛先": "To",
+    "件名": "Subject",
+    "差出人": "From",
+    "メールはまだありません。": "No mail yet.",
+    "メールボックスに戻る": "Back to the mailbox",
+    "このメールにはテキストの本文がありません。": "This message has no text body.",
+    "元のメール (.eml)": "Original message (.eml)",
 }
 
 WEB = Path(__file__).resolve().parent.parent
