@@ -10,6 +10,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -60,10 +62,12 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
 
 
 @contextmanager
-def koin_process(home: Path, *args: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def koin_process(
+    home: Path, *args: str, port: int, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``koin ARGS`` (a server) as a real process until the block ends."""
     koin = Path(sys.executable).parent / "koin"
-    env = {**os.environ, "KOIN_HOME": str(home)}
+    env = {**os.environ, "KOIN_HOME": str(home), **(env or {})}
     process = subprocess.Popen(
         [str(koin), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -79,3 +83,48 @@ def koin_process(home: Path, *args: str, port: int) -> Iterator[subprocess.Popen
             process.wait()
         if process.stderr:
             process.stderr.close()
+
+
+class CollectedMail:
+    """Messages received by :func:`smtp_collector`, parsed with the modern email policy."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self._lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        message = message_from_bytes(envelope.content, policy=policy.default)
+        assert isinstance(message, EmailMessage)
+        with self._lock:
+            self.messages.append(message)
+        return "250 OK"
+
+    def wait_for(
+        self, predicate: Callable[[EmailMessage], bool], count: int = 1, timeout: float = 60
+    ) -> list[EmailMessage]:
+        """Wait until ``count`` received messages satisfy ``predicate``; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                found = [m for m in self.messages if predicate(m)]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                subjects = [str(m["Subject"]) for m in self.messages]
+                raise TimeoutError(f"expected {count} matching mail(s); got {subjects}")
+            time.sleep(0.2)
+
+
+@contextmanager
+def smtp_collector() -> Iterator[tuple[str, CollectedMail]]:
+    """A real SMTP server (aiosmtpd) on loopback that keeps what it receives."""
+    from aiosmtpd.controller import Controller
+
+    collected = CollectedMail()
+    port = free_port()
+    controller = Controller(collected, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield f"smtp://127.0.0.1:{port}", collected
+    finally:
+        controller.stop()
