@@ -127,6 +127,7 @@ __all__ = [
     "ConsentResult",
     "Download",
     "JobReport",
+    "PartyAnswer",
     "PartySession",
     "PartySpec",
     "cancel_contract",
@@ -141,8 +142,11 @@ __all__ = [
     "new_access_code",
     "open_download",
     "open_link",
+    "open_signed_copy",
+    "party_answer",
     "require_contract",
     "resend_invitations",
+    "resume_link",
     "run_due",
     "send_contract",
     "verify_code",
@@ -221,6 +225,31 @@ class PartySession:
     original_path: str
     original_sha256: str
     expires_at: dt.datetime
+    #: When the party last passed identification; None if not since the link was last opened
+    #: (always None from :func:`open_link`).
+    identified_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class PartyAnswer:
+    """What became of a party's answer, for the page shown after it (see :func:`party_answer`).
+
+    :ivar signed_copy_available: the party consented and the contract is completed: the signed
+        PDF can be fetched with :func:`open_signed_copy`.
+    """
+
+    contract_public_id: str
+    contract_title: str
+    contract_status: ContractStatus
+    party_name: str
+    party_status: PartyStatus
+
+    @property
+    def signed_copy_available(self) -> bool:
+        return (
+            self.party_status is PartyStatus.CONSENTED
+            and self.contract_status is ContractStatus.COMPLETED
+        )
 
 
 class CodeOutcome(StrEnum):
@@ -962,17 +991,7 @@ def open_link(
     link = session.get(AccessLink, found.id, populate_existing=True)
     party = _reload_party(session, party)
     assert link is not None
-    if link.used_at is not None:
-        raise LinkAlreadyUsed()
-    if party.status != PartyStatus.PENDING.value:
-        raise AlreadyResponded(party.status)
-    _require_open(contract, moment)
-    if link.expires_at <= moment:
-        raise LinkExpired()
-    if party.locked:
-        raise PartyLocked()
-    if not _is_turn(contract, party, list_parties(session, contract)):
-        raise NotYourTurn()
+    _check_sign_link(session, contract, party, link, moment)
 
     party.identified_at = None
     append_event(
@@ -992,6 +1011,29 @@ def open_link(
         if not recent:
             _send_otp(session, contract, party, moment)
             code_sent = True
+    return _party_session(contract, party, link, code_sent=code_sent)
+
+
+def _check_sign_link(
+    session: Session, contract: Contract, party: Party, link: AccessLink, moment: dt.datetime
+) -> None:
+    """The checks of an invitation link before a party may use it (see :func:`open_link`)."""
+    if link.used_at is not None:
+        raise LinkAlreadyUsed()
+    if party.status != PartyStatus.PENDING.value:
+        raise AlreadyResponded(party.status)
+    _require_open(contract, moment)
+    if link.expires_at <= moment:
+        raise LinkExpired()
+    if party.locked:
+        raise PartyLocked()
+    if not _is_turn(contract, party, list_parties(session, contract)):
+        raise NotYourTurn()
+
+
+def _party_session(
+    contract: Contract, party: Party, link: AccessLink, *, code_sent: bool
+) -> PartySession:
     return PartySession(
         contract_id=contract.id,
         contract_public_id=contract.public_id,
@@ -1004,6 +1046,74 @@ def open_link(
         original_path=contract.original_path,
         original_sha256=contract.original_sha256,
         expires_at=contract.expires_at,
+        identified_at=party.identified_at,
+    )
+
+
+def _party_link(
+    session: Session, token: str, party_id: int
+) -> tuple[Contract, Party, AccessLink]:
+    """The invitation link ``token`` of ``party_id``, freshly read (without a lock).
+
+    :raises LinkInvalid: malformed, unknown, not an invitation link, or another party's.
+    """
+    link = _find_link(session, token, LinkPurpose.SIGN)
+    if link.party_id != party_id:
+        raise LinkInvalid()
+    party = _reload_party(session, party_id)
+    contract = session.get(Contract, party.contract_id, populate_existing=True)
+    if contract is None:  # pragma: no cover - foreign key
+        raise LinkInvalid()
+    return contract, party, link
+
+
+def resume_link(
+    session: Session,
+    token: str,
+    party_id: int,
+    *,
+    require_identification: bool = True,
+    now: dt.datetime | None = None,
+) -> PartySession:
+    """The party comes back to a page of a link it has opened (the code form, the review page,
+    a page image, the original PDF): the checks of :func:`open_link`, but nothing is recorded,
+    no code is sent and the identification stays. ``party_id`` is the one :func:`open_link`
+    returned for this token (kept by the web layer), so a session cannot act with another
+    party's link.
+
+    :raises LinkInvalid: the token is malformed, unknown, not an invitation link, or not
+        ``party_id``'s.
+    :raises LinkAlreadyUsed: the link was used to answer already.
+    :raises AlreadyResponded: the party answered (with another link).
+    :raises ContractNotOpen: the contract is not awaiting answers.
+    :raises LinkExpired: the link has expired.
+    :raises PartyLocked: the party is locked after too many wrong codes.
+    :raises NotYourTurn: sequential contract, an earlier party has not consented.
+    :raises IdentificationRequired: ``require_identification`` and the party has not
+        identified since the link was last opened (here or in another browser).
+    """
+    moment = _now(now)
+    contract, party, link = _party_link(session, token, party_id)
+    _check_sign_link(session, contract, party, link, moment)
+    if require_identification and party.identified_at is None:
+        raise IdentificationRequired()
+    return _party_session(contract, party, link, code_sent=False)
+
+
+def party_answer(session: Session, token: str, party_id: int) -> PartyAnswer:
+    """What became of the answer ``party_id`` gave with the invitation link ``token`` (read
+    only; the party may still be pending when it has not answered).
+
+    :raises LinkInvalid: the token is malformed, unknown, not an invitation link, or not
+        ``party_id``'s.
+    """
+    contract, party, _ = _party_link(session, token, party_id)
+    return PartyAnswer(
+        contract_public_id=contract.public_id,
+        contract_title=contract.title,
+        contract_status=contract.contract_status,
+        party_name=party.name,
+        party_status=party.party_status,
     )
 
 
@@ -1262,6 +1372,47 @@ def open_download(
         session, contract, EventKind.DOWNLOADED, time=moment, party_id=party.id, ip=ip,
         user_agent=user_agent, email=party.email, document_sha256=contract.final_sha256,
         details={"link_id": link.id},
+    )
+    return Download(
+        contract.public_id, contract.title, contract.final_path, contract.final_sha256 or ""
+    )
+
+
+def open_signed_copy(
+    session: Session,
+    token: str,
+    party_id: int,
+    *,
+    ip: str | None,
+    user_agent: str | None,
+    now: dt.datetime | None = None,
+) -> Download:
+    """A party who consented with the invitation link ``token`` fetches the signed contract
+    from the page shown after its answer (the file of the completion mail's download link;
+    records ``downloaded``). ``party_id`` is the one :func:`open_link` returned for the token.
+
+    :raises LinkInvalid: the token is malformed, unknown, not an invitation link, or not
+        ``party_id``'s.
+    :raises LinkExpired: the link is past its validity (the completion mail's link remains).
+    :raises ContractNotOpen: the contract is not completed, or the party did not consent.
+    """
+    moment = _now(now)
+    _, party, found = _party_link(session, token, party_id)
+    if found.expires_at <= moment:
+        raise LinkExpired()
+    contract = _lock(session, party.contract_id)
+    party = _reload_party(session, party)
+    status = contract.contract_status
+    if (
+        status is not ContractStatus.COMPLETED
+        or not contract.final_path
+        or party.status != PartyStatus.CONSENTED.value
+    ):
+        raise ContractNotOpen(status.value, status.label_ja, status.label_en)
+    append_event(
+        session, contract, EventKind.DOWNLOADED, time=moment, party_id=party.id, ip=ip,
+        user_agent=user_agent, email=party.email, document_sha256=contract.final_sha256,
+        details={"link_id": found.id, "link_purpose": LinkPurpose.SIGN.value},
     )
     return Download(
         contract.public_id, contract.title, contract.final_path, contract.final_sha256 or ""

@@ -26,6 +26,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         KOIN_DATABASE_URL=settings.database_url,
         KOIN_MAX_UPLOAD_BYTES=settings.max_upload_bytes,
         KOIN_VERIFY_TIME_LIMIT=settings.verify_time_limit,
+        # External TSAs for the witness signature made when a party gives the last consent.
+        KOIN_TSA_URLS=settings.tsa_urls,
         # Development mode: /dev/mailbox and other pages that must not exist in production.
         KOIN_DEV_MODE=bool(settings.dev_mode),
         # the whole request may carry a little more than the file (multipart framing)
@@ -48,7 +50,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config["MAX_CONTENT_LENGTH"] = int(config["KOIN_MAX_UPLOAD_BYTES"]) + 1024 * 1024
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
 
-    from . import api, auth, i18n, pki, services, verify_views
+    from . import api, auth, contract_views, i18n, party_views, pki, services, verify_views
 
     i18n.init_app(app)
     services.init_app(app)
@@ -61,6 +63,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(auth.bp)
     app.register_blueprint(pki.bp)
     app.register_blueprint(verify_views.bp)
+    app.register_blueprint(contract_views.bp)
+    app.register_blueprint(party_views.bp)
     app.register_blueprint(api.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views

@@ -624,6 +624,16 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
         app = create_app({"KOIN_DEV_MODE": dev_mode})
         with app.app_context():
             worker = contracts.MailWorker(services.session_factory(), transport, sender=sender)
+            # Reminders, expiry and unfinished completions (what `koin jobs run-due` does).
+            jobs = (
+                contracts.JobWorker(
+                    services.session_factory(), services.installation(),
+                    public_url=app.config["KOIN_PUBLIC_URL"], tsa_urls=settings.tsa_urls,
+                    interval=settings.jobs_interval,
+                )
+                if settings.jobs_interval > 0
+                else None
+            )
         if dev_server is None:
             click.echo(f"koin: メールの送信先 {transport.url}", err=True)
         elif dev_mode:
@@ -634,7 +644,13 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
                        err=True)
         click.echo(f"koin: http://{host}:{port}/ (Ctrl-C で終了)", err=True)
         with worker:
-            app.run(host=host, port=port, threaded=True, use_reloader=False)
+            if jobs is not None:
+                jobs.start()
+            try:
+                app.run(host=host, port=port, threaded=True, use_reloader=False)
+            finally:
+                if jobs is not None:
+                    jobs.stop()
     finally:
         if dev_server is not None:
             dev_server.stop()

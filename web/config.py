@@ -62,3 +62,8 @@ class Settings:
         if os.environ.get("KOIN_DEV_SMTP_PORT", "").strip()
         else None
     )
+    #: Seconds between runs of the periodic contract jobs (reminders, expiry, unfinished
+    #: completions) inside ``koin serve``; 0 = not in-process (run ``koin jobs run-due`` instead).
+    jobs_interval: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_JOBS_INTERVAL", "").strip() or 60)
+    )

@@ -97,6 +97,237 @@ ENGLISH = {
     "メールボックスに戻る": "Back to the mailbox",
     "このメールにはテキストの本文がありません。": "This message has no text body.",
     "元のメール (.eml)": "Original message (.eml)",
+    # contract officer's pages (web/contract_views.py, templates/contract*.html, base.html)
+    "契約": "Contracts",
+    "契約一覧": "Contracts",
+    "新しい契約": "New contract",
+    "下書き": "Draft",
+    "送付済み": "Sent",
+    "一部合意": "Partially agreed",
+    "締結処理中": "Being completed",
+    "締結済み": "Completed",
+    "不同意": "Declined",
+    "取消し": "Cancelled",
+    "期限切れ": "Expired",
+    "契約相手方": "Contractor",
+    "アクセスコード": "Access code",
+    "メール認証コード": "Emailed one-time code",
+    "アクセスコード(電話・書面で通知)": "Access code (passed on by phone or on paper)",
+    "メール認証コード(ワンタイム)": "One-time code by email",
+    "未回答": "Not answered",
+    "同意": "Consented",
+    "同時(全員に一度に送付)": "Parallel (everyone at once)",
+    "順番(1 番目から順に送付)": "Sequential (one after another, in order)",
+    "作成": "Created",
+    "送付": "Sent",
+    "メール送信": "Email queued",
+    "リンクを開いた": "Link opened",
+    "確認コード送信": "Code sent",
+    "本人確認成功": "Identified",
+    "本人確認失敗": "Wrong code",
+    "ロック": "Locked",
+    "督促": "Reminder",
+    "立会人署名": "Witness signature",
+    "締結": "Completed",
+    "監査証跡へのタイムスタンプ": "Audit chain timestamped",
+    "ダウンロード": "Downloaded",
+    "招待": "invitation",
+    "確認コード": "one-time code",
+    "締結の通知": "completion notice",
+    "取消しの通知": "cancellation notice",
+    "不同意の通知": "decline notice",
+    "期限切れの通知": "expiry notice",
+    "ロックの通知": "lock notice",
+    "合意": "agreed",
+    "アクセスコード(この画面でのみ表示)": "Access codes (shown only on this page)",
+    "次のアクセスコードを、電話または書面で各当事者に伝えてください。メールでは送らないでください。"
+    "コードは保存されていないため、この画面を離れると二度と表示できません。": (
+        "Pass these access codes to the parties by phone or on paper, never by email. They are "
+        "not stored, so they cannot be shown again once you leave this page."
+    ),
+    "送信": "Send",
+    "当事者に招待メールを送ります。": "Emails the invitations to the parties.",
+    "再送": "Resend",
+    "未回答の当事者に新しいリンクを送ります(以前のリンクは無効になります)。": (
+        "Sends fresh links to the parties who have not answered (earlier links stop working)."
+    ),
+    "取消": "Cancel",
+    "取消しの理由(当事者には通知されません)": "Reason (not sent to the parties)",
+    "この契約を取り消します": "Cancel this contract",
+    "取り消す": "Cancel the contract",
+    "契約の内容": "Contract",
+    "原本の SHA-256": "SHA-256 of the original",
+    "締結済み PDF の SHA-256": "SHA-256 of the signed PDF",
+    "ページ数": "Pages",
+    "送付の方法": "Signing order",
+    "回答期限": "Deadline",
+    "期限を過ぎています": "past the deadline",
+    "%(days)s 日ごと": "every %(days)s days",
+    "しない": "none",
+    "原本 PDF": "Original PDF",
+    "締結済み PDF(立会人署名付き)": "Signed PDF (with the witness signature)",
+    "監査ログ (JSON)": "Audit log (JSON)",
+    "当事者": "Parties",
+    "確認コードを続けて間違えたためロックされています": "Locked after too many wrong codes",
+    "ロック中": "Locked",
+    "所属": "Organisation",
+    "メール": "Email",
+    "立場": "Role",
+    "本人確認": "Identification",
+    "回答日時": "Answered at",
+    "不同意の理由": "Reason for declining",
+    "監査証跡": "Audit trail",
+    "改ざんは検出されませんでした": "No tampering detected",
+    "%(count)s 件の記録のハッシュ連鎖を検証しました。": (
+        "The hash chain of %(count)s records was checked."
+    ),
+    "締結時の監査証跡タイムスタンプ": "Audit chain timestamped at completion",
+    "改ざんが検出されました": "Tampering detected",
+    "記録番号": "Record",
+    "契約書の PDF と当事者を登録します。"
+    "作成した契約は下書きになり、内容を確認してから送信します。": (
+        "Enter the contract's PDF and its parties. The contract is created as a draft; check it, "
+        "then send it."
+    ),
+    "契約件名": "Title",
+    "契約書(PDF)": "Contract (PDF)",
+    "署名前の PDF(暗号化や電子署名のないもの)。": (
+        "The PDF before signing (not encrypted, no electronic signature)."
+    ),
+    "ファイルをもう一度選択してください。": "Please choose the file again.",
+    "回答期限(日後)": "Deadline (days from now)",
+    "督促の間隔(日)": "Reminder interval (days)",
+    "0 にすると督促しません。": "0: no reminders.",
+    "茨城県側と契約相手方の両方が必要です。空欄の行は無視されます。"
+    "アクセスコードは作成後に一度だけ表示されます。": (
+        "At least one party of the prefecture and one contractor are needed. Empty rows are "
+        "ignored. Access codes are shown once, after the contract is created."
+    ),
+    "氏名": "Name",
+    "所属・会社名": "Organisation or company",
+    "当事者を追加": "Add a party",
+    "契約を作成する(下書き)": "Create the contract (draft)",
+    "件名で検索": "Search titles",
+    "検索": "Search",
+    "状態で絞り込み": "Filter by status",
+    "すべて": "All",
+    "状態": "Status",
+    "更新": "Updated",
+    "担当": "Officer",
+    "前へ": "Previous",
+    "次へ": "Next",
+    "条件に合う契約はありません。": "No contract matches.",
+    "契約はまだありません。「新しい契約」から作成してください。": (
+        "No contracts yet. Create one with “New contract”."
+    ),
+    # a party's pages (web/party_views.py, templates/party_*.html, _party_*.html)
+    "茨城県から、契約書の内容確認と同意のお願いが届いています。": (
+        "Ibaraki Prefecture asks you to review and consent to a contract."
+    ),
+    "依頼元": "Requested by",
+    "宛名": "Addressed to",
+    "契約番号": "Contract number",
+    "手続きの流れ": "Steps",
+    "確認と回答": "Review",
+    "完了": "Done",
+    "確認コードをメールでお送りしました。": "We have emailed you a one-time code.",
+    "確認コードは1分以内にお送りしています。届いたメールをご確認ください。": (
+        "A code was emailed to you less than a minute ago. Please check your mail."
+    ),
+    "メールで送信した 6 桁の確認コードを入力してください。": (
+        "Enter the 6-digit code we sent you by email."
+    ),
+    "担当者から電話または書面でお知らせしたアクセスコードを入力してください。": (
+        "Enter the access code the officer gave you by phone or letter."
+    ),
+    "確認コード(6 桁)": "One-time code (6 digits)",
+    "確認する": "Confirm",
+    "確認コードの有効期間は10分です。届かないときは迷惑メールのフォルダもご確認ください。": (
+        "The code is valid for 10 minutes. If it does not arrive, check your spam folder too."
+    ),
+    "確認コードを再送する": "Send a new code",
+    "このリンクはあなた専用です。他の人に転送しないでください。": (
+        "This link is for you alone. Please do not forward it."
+    ),
+    "契約書の内容をご確認のうえ、このページの最後で"
+    "「合意する」または「同意しない」を選んでください。": (
+        'Please review the contract, then choose "I consent" or "I do not consent" at the end '
+        "of this page."
+    ),
+    "契約書": "Contract",
+    "契約書を画像で表示できませんでした。PDF をダウンロードしてご確認ください。": (
+        "The contract could not be shown as images. Please download the PDF to review it."
+    ),
+    "%(number)s ページ目": "Page %(number)s",
+    "タップすると拡大して表示します": "Tap to show it larger",
+    "契約書(PDF)をダウンロード": "Download the contract (PDF)",
+    "この契約書の SHA-256": "SHA-256 of this contract",
+    "SHA-256 で同じ文書か確かめるには": "Checking with the SHA-256 that it is the same document",
+    "SHA-256 はファイルの指紋にあたる値で、1 文字でも違うファイルからは別の値になります。"
+    "ダウンロードした PDF について次のコマンドで表示される値が上の値と一致すれば、"
+    "この画面に表示している契約書と同じファイルです。": (
+        "The SHA-256 is a fingerprint of the file: a file that differs in a single character "
+        "has a different one. If the command below prints the value above for the PDF you "
+        "downloaded, it is the very contract shown on this page."
+    ),
+    "締結後にお送りする署名済みの契約書は、"
+    "この文書の後ろに合意締結証明書と電子署名を加えたものです。": (
+        "The signed contract you receive once all have consented is this document followed "
+        "by a certificate of agreement, with an electronic signature."
+    ),
+    "回答": "Your answer",
+    "内容を確認し、合意します": "I have reviewed the contents and agree",
+    "合意する": "I consent",
+    "同意しない場合": "If you do not consent",
+    "同意しないと回答すると、この契約の手続きは終了し、理由とともに県の担当者に通知されます。": (
+        "If you answer that you do not consent, this contract ends and the prefecture's officer "
+        "is told, with your reason."
+    ),
+    "同意しない理由(必須)": "Why you do not consent (required)",
+    "同意しない": "I do not consent",
+    "同意しないことの確認": "Confirm that you do not consent",
+    "次の契約に同意しないと回答します。回答すると取り消せません。": (
+        "You are about to answer that you do not consent to this contract. This cannot be "
+        "undone."
+    ),
+    "理由": "Reason",
+    "同意しないと回答する": "Answer: I do not consent",
+    "契約書の確認に戻る": "Back to the contract",
+    "回答を受け付けました": "Answer received",
+    "すべての当事者の合意が揃い、契約が締結されました。": (
+        "All parties have consented: the contract is concluded."
+    ),
+    "署名済みの契約書(PDF)をダウンロード": "Download the signed contract (PDF)",
+    "ダウンロード用のリンクはメールでもお送りしています。"
+    "署名済みの契約書は大切に保管してください。": (
+        "We have also emailed you a download link. Please keep the signed contract safe."
+    ),
+    "合意を受け付けました。"
+    "すべての当事者の合意が揃うと、署名済みの契約書をメールでお送りします。": (
+        "Consent received. Once all parties have consented, we will email you the signed "
+        "contract."
+    ),
+    "同意しないとの回答を受け付けました。県の担当者に通知しました。": (
+        "Your answer that you do not consent has been received; the prefecture's officer has "
+        "been told."
+    ),
+    "契約の状態": "Contract status",
+    "ありがとうございました。このページは閉じてかまいません。": (
+        "Thank you. You may close this page."
+    ),
+    "お手続きできません": "This cannot be done",
+    "リンクが無効です": "This link is not valid",
+    "リンクの有効期限が切れています": "This link has expired",
+    "回答済みです": "Already answered",
+    "この契約は受付を終了しています": "This contract no longer takes answers",
+    "まだ回答の順番ではありません": "It is not your turn yet",
+    "ロックされています": "Locked",
+    "本人確認が必要です": "Identification needed",
+    "契約書が一致しません": "The contract does not match",
+    "契約書のページを開き直す": "Open the contract page again",
+    "ご不明な点は、契約の担当職員にお問い合わせください。": (
+        "If anything is unclear, please contact the officer in charge of the contract."
+    ),
 }
 
 WEB = Path(__file__).resolve().parent.parent
