@@ -8,14 +8,13 @@ step locks its contract and completion is claimed, see :mod:`contracts.workflow`
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
-from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from signer import Installation
 
+from ._periodic import PeriodicWorker
 from .workflow import JobReport, run_due
 
 __all__ = ["DEFAULT_JOBS_INTERVAL", "JobWorker"]
@@ -26,10 +25,12 @@ log = logging.getLogger(__name__)
 DEFAULT_JOBS_INTERVAL = 60.0
 
 
-class JobWorker:
+class JobWorker(PeriodicWorker[JobReport]):
     """A background thread that runs :func:`contracts.run_due` right away and then every
     ``interval`` seconds until :meth:`stop`. Errors are logged and the next round goes on;
     nothing escapes the thread."""
+
+    thread_name = "koin-jobs"
 
     def __init__(
         self,
@@ -41,37 +42,11 @@ class JobWorker:
         interval: float = DEFAULT_JOBS_INTERVAL,
     ) -> None:
         """:raises ValueError: ``interval`` is not positive."""
-        if not interval > 0:
-            raise ValueError(f"interval must be positive, got {interval}")
+        super().__init__(interval)
         self.sessions = sessions
         self.installation = installation
         self.public_url = public_url
         self.tsa_urls = tuple(tsa_urls)
-        self.interval = interval
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        """Start the thread.
-
-        :raises RuntimeError: it is already running.
-        """
-        if self._thread is not None:
-            raise RuntimeError("the job worker is already running")
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="koin-jobs", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 120.0) -> None:
-        """Ask the thread to stop after the round it is running, and wait for it."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     def run_once(self) -> JobReport | None:
         """One round; None if it failed as a whole (the error is logged)."""
@@ -91,15 +66,3 @@ class JobWorker:
         for public_id, message in report.failed:
             log.warning("periodic contract jobs: contract %s failed: %s", public_id, message)
         return report
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self.run_once()
-            self._stopping.wait(self.interval)
-
-    def __enter__(self) -> JobWorker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()

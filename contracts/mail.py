@@ -30,13 +30,11 @@ import logging
 import os
 import re
 import secrets
-import threading
 from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from typing import Any
 
 from sqlalchemy import Index, String, Text, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
@@ -44,6 +42,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 from signer import JST
 
 from ._db import Base, session_scope, utcnow
+from ._periodic import PeriodicWorker
 from ._smtp import SMTP_URL_ENV, MailTransport, SmtpSecurity, SmtpTransport
 from .errors import MailError
 
@@ -388,10 +387,12 @@ def deliver_due(
     return DeliveryReport(sent=tuple(sent), failed=tuple(failed))
 
 
-class MailWorker:
+class MailWorker(PeriodicWorker[DeliveryReport]):
     """A background thread that runs :func:`deliver_due` every ``interval`` seconds until
     :meth:`stop`, in batches of :data:`CLAIM_BATCH` so that stopping waits for one batch at
     most. Errors are logged and the next round goes on; nothing escapes the thread."""
+
+    thread_name = "koin-mail"
 
     def __init__(
         self,
@@ -401,36 +402,11 @@ class MailWorker:
         interval: float = 5.0,
         sender: str | None = None,
     ) -> None:
-        if interval <= 0:
-            raise ValueError(f"interval must be positive, got {interval}")
+        """:raises ValueError: ``interval`` is not positive."""
+        super().__init__(interval)
         self.sessions = sessions
         self.transport = transport
-        self.interval = interval
         self.sender = sender
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        """Start the thread.
-
-        :raises RuntimeError: it is already running.
-        """
-        if self._thread is not None:
-            raise RuntimeError("the mail worker is already running")
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="koin-mail", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 60.0) -> None:
-        """Ask the thread to stop after the batch it is sending, and wait for it."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     def run_once(self, limit: int = CLAIM_BATCH) -> DeliveryReport | None:
         """One round of at most ``limit`` messages; None if it failed (the error is logged)."""
@@ -440,17 +416,6 @@ class MailWorker:
             log.exception("mail delivery round failed; trying again in %.0f s", self.interval)
             return None
 
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            report = self.run_once()
-            if report is not None and report.attempted == CLAIM_BATCH:
-                continue  # more may be due right now
-            self._stopping.wait(self.interval)
-
-    def __enter__(self) -> MailWorker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
+    def more_due(self, result: DeliveryReport | None) -> bool:
+        return result is not None and result.attempted == CLAIM_BATCH  # more may be due now
 
