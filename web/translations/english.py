@@ -6,6 +6,7 @@ from the templates; a test checks the committed catalogue is complete and curren
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import subprocess
 import sys
@@ -330,6 +331,7 @@ ENGLISH = {
     ),
 }
 
+FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 WEB = Path(__file__).resolve().parent.parent
 CATALOG = WEB / "translations" / "en" / "LC_MESSAGES"
 
@@ -349,6 +351,8 @@ def extract() -> bytes:
 def build() -> tuple[bytes, bytes]:
     """(.po, .mo) bytes for English from the current templates."""
     catalog = read_po(io.BytesIO(extract()), locale="en")
+    # A fixed header date keeps the .mo byte-for-byte reproducible (it embeds the header).
+    catalog.creation_date = catalog.revision_date = FIXED_DATE
     for message in catalog:
         if message.id:
             message.string = ENGLISH[str(message.id)]
