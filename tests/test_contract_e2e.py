@@ -127,12 +127,13 @@ def test_officer_sends_two_parties_consent_service_signs(
         officer.fill(f"input[name=party-{index}-email]", email)
         officer.select_option(f"select[name=party-{index}-role]", role)
         officer.select_option(f"select[name=party-{index}-identification]", method)
-    officer.click("#create-button")
+    with officer.expect_navigation():
+        officer.click("#create-button")
     access_code = officer.locator("#access-codes code.access-code").first.inner_text()
     detail_url = officer.url
     officer.screenshot(path=str(tmp_path / "officer-detail.png"), full_page=True)
-    officer.click("#send-button")
-    officer.wait_for_load_state()
+    with officer.expect_navigation():
+        officer.click("#send-button")
 
     # Each party gets its own invitation mail with its own link.
     invitations = {
@@ -147,12 +148,12 @@ def test_officer_sends_two_parties_consent_service_signs(
     first.goto(links[GOVERNOR_OFFICE[2]])
     first.fill("#code", access_code)
     first.click("#code-button")
+    first.wait_for_selector("#agree")  # the review page, after the code step's redirect
     assert "内容を確認し、合意します" in first.content()
     assert first.locator("img").count() >= 2  # the PDF, page by page
     first.check("#agree")
     first.click("#consent-button")
-    first.wait_for_load_state()
-    assert "合意を受け付けました" in first.content()
+    first.wait_for_selector("text=合意を受け付けました")
 
     # The contractor: a one-time code arrives by mail when the link is opened.
     second = _phone(browser)
@@ -164,10 +165,11 @@ def test_officer_sends_two_parties_consent_service_signs(
     assert otp
     second.fill("#code", otp.group(1))
     second.click("#code-button")
+    second.wait_for_selector("#agree")
     second.screenshot(path=str(tmp_path / "party-review.png"), full_page=True)
     second.check("#agree")
-    second.click("#consent-button")
-    second.wait_for_load_state()
+    with second.expect_navigation():
+        second.click("#consent-button")
 
     # Both are mailed a download link (not an attachment) to the signed contract.
     done = service.mail.wait_for(lambda m: "締結されました" in str(m["Subject"]), count=2)
