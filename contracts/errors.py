@@ -10,6 +10,11 @@ from keys.errors import KoinError
 
 __all__ = [
     "AlreadyResponded",
+    "ApiKeyError",
+    "ApiKeyInvalid",
+    "ApiKeyNotFound",
+    "ApiKeyScope",
+    "InvalidApiKeyData",
     "CompletionError",
     "ContractNotFound",
     "ContractNotOpen",
@@ -23,6 +28,10 @@ __all__ = [
     "MailError",
     "NotYourTurn",
     "PartyLocked",
+    "TemplateError",
+    "TemplateExists",
+    "TemplateNotFound",
+    "InvalidTemplateData",
     "WorkflowError",
     "AccountDisabled",
     "AccountError",
@@ -141,6 +150,68 @@ class InvalidAccountData(AccountError):
     """An email address, password, name or role offered for an account is unusable.
 
     :ivar field: which one (``email``, ``password``, ``display_name`` or ``roles``).
+    """
+
+    def __init__(self, field: str, message: str, message_en: str) -> None:
+        super().__init__(message, message_en, field=field)
+        self.field = field
+
+
+
+# -- API keys ---------------------------------------------------------------------------------
+
+
+class ApiKeyError(ContractsError):
+    """Root of the errors of API keys (:mod:`contracts.apikeys`)."""
+
+
+class ApiKeyInvalid(ApiKeyError):
+    """The API key is missing, malformed, unknown or revoked, or its account is disabled.
+    Deliberately one message for every case (HTTP 401)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "API キーが無効です。",
+            "The API key is not valid.",
+        )
+
+
+class ApiKeyScope(ApiKeyError):
+    """The API key is valid but does not carry the scope the request needs, or its account no
+    longer holds the role that the scope requires (HTTP 403).
+
+    :ivar scope: the scope that was needed.
+    """
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(
+            f"この API キーには {scope} の権限がありません。",
+            f"This API key does not carry the scope '{scope}'.",
+            scope=scope,
+        )
+        self.scope = scope
+
+
+class ApiKeyNotFound(ApiKeyError):
+    """No API key has this prefix.
+
+    :ivar prefix: the prefix as it was asked for.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(
+            f"接頭辞 {prefix} の API キーはありません。",
+            f"There is no API key with the prefix {prefix}.",
+            prefix=prefix,
+        )
+        self.prefix = prefix
+
+
+class InvalidApiKeyData(ApiKeyError):
+    """A name or scope offered for a new API key is unusable, or the account's roles do not
+    allow a scope.
+
+    :ivar field: which one (``name`` or ``scopes``).
     """
 
     def __init__(self, field: str, message: str, message_en: str) -> None:
@@ -308,6 +379,48 @@ class DocumentMismatch(WorkflowError):
 
 class CompletionError(WorkflowError):
     """The contract could not be completed (signed) right now; the periodic job retries."""
+
+
+# -- stamp templates --------------------------------------------------------------------------
+
+
+class TemplateError(ContractsError):
+    """Root of the errors of stamp templates (:mod:`contracts.templates`)."""
+
+
+class InvalidTemplateData(TemplateError):
+    """A name, title, page, box or level offered for a stamp template is unusable.
+
+    :ivar field: which one (``name``, ``title``, ``page``, ``box`` or ``level``).
+    """
+
+    def __init__(self, field: str, message: str, message_en: str) -> None:
+        super().__init__(message, message_en, field=field)
+        self.field = field
+
+
+class TemplateNotFound(TemplateError):
+    """No stamp template has this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"印影テンプレート {name} はありません。",
+            f"There is no stamp template {name}.",
+            name=name,
+        )
+        self.name = name
+
+
+class TemplateExists(TemplateError):
+    """A stamp template with this name already exists (active or not)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"印影テンプレート {name} は既にあります。",
+            f"A stamp template named {name} already exists.",
+            name=name,
+        )
+        self.name = name
 
 
 # -- mail -------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         KOIN_VERIFY_TIME_LIMIT=settings.verify_time_limit,
         # External TSAs for the witness signature made when a party gives the last consent.
         KOIN_TSA_URLS=settings.tsa_urls,
+        # Token bucket per API key and per process (web.apiauth): requests/second, burst.
+        KOIN_API_RATE=settings.api_rate,
+        KOIN_API_BURST=settings.api_burst,
         # Development mode: /dev/mailbox and other pages that must not exist in production.
         KOIN_DEV_MODE=bool(settings.dev_mode),
         # the whole request may carry a little more than the file (multipart framing)
@@ -50,7 +53,17 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config["MAX_CONTENT_LENGTH"] = int(config["KOIN_MAX_UPLOAD_BYTES"]) + 1024 * 1024
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
 
-    from . import api, auth, contract_views, i18n, party_views, pki, services, verify_views
+    from . import (
+        api,
+        auth,
+        contract_views,
+        i18n,
+        party_views,
+        pki,
+        services,
+        template_views,
+        verify_views,
+    )
 
     i18n.init_app(app)
     services.init_app(app)
@@ -65,6 +78,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(verify_views.bp)
     app.register_blueprint(contract_views.bp)
     app.register_blueprint(party_views.bp)
+    app.register_blueprint(template_views.bp)
     app.register_blueprint(api.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views

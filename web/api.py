@@ -1,16 +1,33 @@
-"""REST API v1 (public part): verification. Documented in ``static/openapi.json``."""
+"""REST API v1: public verification, and signing with an API key (:mod:`web.apiauth`).
+Documented in ``static/openapi.json``."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from signer import VerifyInputError
+from contracts import sign_and_record
+from contracts.apikeys import ApiScope
+from keys import Role
+from signer import (
+    EncryptedPdfError,
+    InvalidPdfError,
+    Placement,
+    PlacementError,
+    SignatureLevel,
+    SignOptions,
+    VerifyInputError,
+)
+from timestamp import TimestampError
 
+from . import services
+from .apiauth import api_user, require_api_key
 from .errors import api_error
 from .uploads import uploaded_pdf
 from .verify_views import run_verification
@@ -20,6 +37,26 @@ __all__ = ["bp"]
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 OPENAPI_FILE = Path(__file__).parent / "static" / "openapi.json"
+
+log = logging.getLogger(__name__)
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class _BadParameter(Exception):
+    def __init__(self, name: str, message: str, message_en: str) -> None:
+        super().__init__(name)
+        self.name = name
+        self.message = message
+        self.message_en = message_en
+
+
+def _too_large() -> tuple[Response, int]:
+    limit = int(current_app.config["KOIN_MAX_UPLOAD_BYTES"])
+    return api_error(
+        413, "too_large", "ファイルが大きすぎます。", f"The file is larger than {limit} bytes."
+    )
 
 
 @bp.post("/verify")
@@ -33,13 +70,114 @@ def verify() -> tuple[Response, int] | Response:
         data, _ = uploaded_pdf()
         report = run_verification(data)
     except RequestEntityTooLarge:
-        limit = int(current_app.config["KOIN_MAX_UPLOAD_BYTES"])
-        return api_error(
-            413, "too_large", "ファイルが大きすぎます。", f"The file is larger than {limit} bytes."
-        )
+        return _too_large()
     except VerifyInputError as exc:
         return api_error(exc.status, exc.reason, exc.message, exc.message_en)
     return jsonify(report.to_dict())
+
+
+def _sign_options() -> SignOptions:
+    """``level``, ``page``, ``box`` and ``no_stamp`` from the form or the query string.
+
+    :raises _BadParameter: one of them is unusable.
+    """
+    values = request.values
+    level_text = values.get("level", SignatureLevel.B_T.value).strip().upper()
+    try:
+        level = SignatureLevel(level_text)
+    except ValueError:
+        names = ", ".join(SignatureLevel)
+        raise _BadParameter(
+            "level", f"level は {names} のいずれかです。", f"level must be one of {names}."
+        ) from None
+    no_stamp_text = values.get("no_stamp", "").strip().lower()
+    if no_stamp_text not in _TRUE + _FALSE:
+        raise _BadParameter(
+            "no_stamp", "no_stamp は true か false です。", "no_stamp must be true or false."
+        )
+    page_text, box_text = values.get("page", "").strip(), values.get("box", "").strip()
+    if no_stamp_text in _TRUE:
+        if page_text or box_text:
+            raise _BadParameter(
+                "no_stamp",
+                "no_stamp と page / box は同時に指定できません。",
+                "no_stamp cannot be combined with page or box.",
+            )
+        return SignOptions(level=level, placement=None)
+    page = None
+    if page_text:
+        try:
+            page = int(page_text)
+        except ValueError:
+            raise _BadParameter(
+                "page", "page は整数です(1 から、負数は末尾から)。",
+                "page must be an integer (1-based; negative counts from the end).",
+            ) from None
+    box = None
+    if box_text:
+        try:
+            numbers = [float(part) for part in box_text.split(",")]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 4 or not all(math.isfinite(n) for n in numbers):
+            raise _BadParameter(
+                "box", "box は x1,y1,x2,y2 (ポイント単位の数値 4 つ)です。",
+                "box must be four numbers x1,y1,x2,y2 in points.",
+            )
+        box = (numbers[0], numbers[1], numbers[2], numbers[3])
+    return SignOptions(level=level, placement=Placement(page, box))
+
+
+@bp.post("/sign")
+@require_api_key(ApiScope.SIGN)
+def sign() -> tuple[Response, int] | Response:
+    """Sign a PDF with the position key (the prefecture's seal) and record it; the body is
+    ``application/pdf`` or multipart with field ``file``; options ``level``, ``page``, ``box``,
+    ``no_stamp`` as form fields or query parameters. Answers the signed PDF.
+
+    :raise 400: nothing uploaded or an unusable option. :raise 401 / 403 / 429: see
+        :func:`web.apiauth.require_api_key`. :raise 413: too large. :raise 415: wrong type.
+    :raise 422: not a PDF, encrypted, or the stamp does not fit.
+    :raise 503: no time-stamping authority answered.
+    """
+    try:
+        data, file_name = uploaded_pdf()
+        options = _sign_options()
+    except RequestEntityTooLarge:
+        return _too_large()
+    except VerifyInputError as exc:
+        return api_error(exc.status, exc.reason, exc.message, exc.message_en)
+    except _BadParameter as exc:
+        return api_error(400, f"invalid_{exc.name}", exc.message, exc.message_en)
+    try:
+        context = services.signing_context(stamp=options.placement is not None)
+        result = sign_and_record(
+            services.session_factory(), data, context, options, role=Role.POSITION,
+            file_name=file_name,
+        )
+    except EncryptedPdfError as exc:
+        return api_error(422, "encrypted", exc.message, exc.message_en or exc.message)
+    except InvalidPdfError as exc:
+        return api_error(422, "invalid_pdf", exc.message, exc.message_en or exc.message)
+    except PlacementError as exc:
+        return api_error(422, "placement", exc.message, exc.message_en or exc.message)
+    except TimestampError as exc:
+        log.warning("API signing failed: no time stamp (%s)", exc.message_en or exc.message)
+        return api_error(
+            503, "tsa_unavailable",
+            "タイムスタンプ局に接続できません。しばらくしてから再試行してください。",
+            "The time-stamping authority is unavailable; retry later.",
+        )
+    assert result.data is not None
+    log.info(
+        "API signed document %s (%s) for %s", result.document_id, result.level.value,
+        api_user().email,
+    )
+    response = Response(result.data, mimetype="application/pdf")
+    response.headers["X-Koin-Document-Id"] = result.document_id
+    response.headers["X-Koin-SHA256"] = result.sha256
+    response.headers["Content-Disposition"] = f'attachment; filename="{result.document_id}.pdf"'
+    return response
 
 
 @bp.get("/openapi.json")

@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 the input or request was refused (one-line reason on st
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from signer import Installation, Placement, SignatureLevel, SignOptions
 from .config import Settings
 
 if TYPE_CHECKING:
+    import contracts as contracts_module
     from contracts import SmtpTransport
     from contracts.devmail import DevMailServer
 
@@ -415,6 +417,167 @@ def users_create(
     click.echo(f"アカウントを作成しました: {user.email} ({', '.join(sorted(user.roles))})")
     if generated is not None:
         _show_password_once(generated)
+
+
+@cli.group("apikeys")
+def apikeys_group() -> None:
+    """API keys for the REST API v1 (``Authorization: Bearer koin_…``)."""
+
+
+def _scopes(text: str) -> list[str]:
+    return [part for part in text.replace(",", " ").split() if part]
+
+
+def _user_or_refuse(session: Session, email: str) -> contracts_module.User:
+    import contracts
+
+    user = contracts.get_user_by_email(session, email)
+    if user is None:
+        raise KoinError(
+            f"メールアドレス {email} のアカウントはありません。",
+            f"There is no account with the email address {email}.",
+        )
+    return user
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else "-"
+
+
+@apikeys_group.command("create")
+@click.option("--user", "email", required=True, help="Email of the key's owner.")
+@click.option("--scope", "scopes", required=True, metavar="SCOPES",
+              help="Comma-separated: sign (needs role signer), contracts (officer), verify.")
+@click.option("--name", default="default", show_default=True,
+              help="Name of the key, e.g. the calling system.")
+@click.pass_obj
+@refusals_exit_1
+def apikeys_create(settings: Settings, email: str, scopes: str, name: str) -> None:
+    """Create an API key and print it once (only its hash is stored)."""
+    import contracts
+
+    _upgrade_database(settings)
+    with _sessions(settings) as sessions, contracts.session_scope(sessions) as session:
+        user = _user_or_refuse(session, email)
+        key, raw = contracts.create_api_key(session, user, name=name, scopes=_scopes(scopes))
+        summary = f"{key.prefix} ({key.scopes.replace(' ', ',')}) for {user.email}"
+    click.echo(f"API キーを作成しました: {summary}")
+    # stdout only, never the log: this is the one place the key is ever shown
+    click.echo(f"API キー(この一度だけ表示します。安全な場所に控えてください): {raw}")
+
+
+@apikeys_group.command("list")
+@click.option("--user", "email", required=True, help="Email of the keys' owner.")
+@click.pass_obj
+@refusals_exit_1
+def apikeys_list(settings: Settings, email: str) -> None:
+    """List a user's API keys: prefix, scopes, name, created, last used, revoked."""
+    import contracts
+
+    _upgrade_database(settings)
+    with _sessions(settings) as sessions, contracts.session_scope(sessions) as session:
+        user = _user_or_refuse(session, email)
+        keys = contracts.list_api_keys(session, user)
+        for key in keys:
+            state = f"revoked {_when(key.revoked_at)}" if key.revoked_at else "active"
+            click.echo(
+                f"{key.prefix}  {key.scopes.replace(' ', ','):<22} {state:<34} "
+                f"created {_when(key.created_at)}  last used {_when(key.last_used_at)}  "
+                f"{key.name}"
+            )
+    if not keys:
+        click.echo(f"{user.email} には API キーがありません。")
+
+
+@apikeys_group.command("revoke")
+@click.argument("prefix")
+@click.pass_obj
+@refusals_exit_1
+def apikeys_revoke(settings: Settings, prefix: str) -> None:
+    """Revoke the API key whose prefix (the 8 hex digits after koin_) is PREFIX."""
+    import contracts
+
+    _upgrade_database(settings)
+    with _sessions(settings) as sessions, contracts.session_scope(sessions) as session:
+        key = contracts.revoke_api_key(session, prefix)
+        revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "?"
+    click.echo(f"API キーを無効にしました: {key.prefix} ({revoked})")
+
+
+@cli.group("templates")
+def templates_group() -> None:
+    """Stamp templates per document type (page, box, QR code, level)."""
+
+
+@templates_group.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include deactivated templates.")
+@click.option("--json", "as_json", is_flag=True, help="Print the templates as JSON.")
+@click.pass_obj
+@refusals_exit_1
+def templates_list(settings: Settings, show_all: bool, as_json: bool) -> None:
+    """List the stamp templates (active ones unless --all)."""
+    import contracts
+
+    _upgrade_database(settings)
+    with _sessions(settings) as factory, factory() as session:
+        templates = contracts.list_templates(session, include_inactive=show_all)
+    if as_json:
+        rows = [
+            {
+                "name": t.name, "title": t.title, "page": t.page, "box": t.box, "qr": t.qr,
+                "level": t.level, "certify": t.certify, "active": t.active,
+            }
+            for t in templates
+        ]
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    if not templates:
+        click.echo("印影テンプレートはありません。")
+        return
+    for t in templates:
+        box = ",".join(f"{v:g}" for v in t.box) if t.box else "default"
+        flags = [t.level, *(["qr"] if t.qr else []), *(["certify"] if t.certify else []),
+                 *([] if t.active else ["inactive"])]
+        click.echo(f"{t.name}\t{t.title}\tpage={t.page}\tbox={box}\t{' '.join(flags)}")
+
+
+@templates_group.command("add")
+@click.argument("name")
+@click.option("--title", required=True, help="Display name, e.g. 建設業許可通知書.")
+@click.option("--page", type=int, default=-1, show_default=True,
+              help="Page of the stamp, 1-based; negative counts from the end.")
+@click.option("--box", help="Stamp box x1,y1,x2,y2 from the bottom-left corner "
+              "(default: bottom right).")
+@click.option("--units", type=click.Choice(["pt", "mm"]), default="pt", show_default=True,
+              help="Units of --box.")
+@click.option("--qr", is_flag=True, help="Print the verification QR code on the stamp.")
+@click.option("--level", type=click.Choice([level.value for level in SignatureLevel]),
+              default=SignatureLevel.B_T.value, show_default=True, help="PAdES baseline level.")
+@click.option("--certify", is_flag=True, help="Certification signature (DocMDP).")
+@click.pass_obj
+@refusals_exit_1
+def templates_add(
+    settings: Settings,
+    name: str,
+    title: str,
+    page: int,
+    box: str | None,
+    units: str,
+    qr: bool,
+    level: str,
+    certify: bool,
+) -> None:
+    """Create the stamp template NAME (lower-case letters, digits, hyphens)."""
+    import contracts
+
+    points = _parse_box(box, units) if box else None
+    _upgrade_database(settings)
+    with _sessions(settings) as factory, contracts.session_scope(factory) as session:
+        template = contracts.create_template(
+            session, name, title=title, page=page, box=points, qr=qr, level=level,
+            certify=certify,
+        )
+    click.echo(f"印影テンプレートを作成しました: {template.name} ({template.title})")
 
 
 @cli.group("keys")

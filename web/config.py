@@ -67,3 +67,10 @@ class Settings:
     jobs_interval: float = field(
         default_factory=lambda: float(os.environ.get("KOIN_JOBS_INTERVAL", "").strip() or 60)
     )
+    #: Rate limit of the REST API per API key and per process: requests per second, and burst.
+    api_rate: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_API_RATE", "").strip() or 10)
+    )
+    api_burst: int = field(
+        default_factory=lambda: int(os.environ.get("KOIN_API_BURST", "").strip() or 20)
+    )

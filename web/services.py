@@ -10,9 +10,17 @@ from flask import Flask, current_app
 from sqlalchemy.orm import Session, sessionmaker
 
 import contracts
-from signer import Installation, VerifyPolicy
+from keys import Role
+from signer import Installation, SigningContext, VerifyPolicy
 
-__all__ = ["find_document", "init_app", "installation", "session_factory", "verify_policy"]
+__all__ = [
+    "find_document",
+    "init_app",
+    "installation",
+    "session_factory",
+    "signing_context",
+    "verify_policy",
+]
 
 #: Rebuild the verify policy this often, so re-issued CRLs are picked up.
 POLICY_TTL = 3600.0
@@ -30,6 +38,7 @@ class _Services:
             Path(app.config["KOIN_HOME"])
         )
         self._session_factory: sessionmaker[Session] | None = None
+        self.tsa_urls: tuple[str, ...] = tuple(app.config.get("KOIN_TSA_URLS") or ())
 
     def session_factory(self) -> sessionmaker[Session]:
         with self._lock:
@@ -37,6 +46,14 @@ class _Services:
                 engine = contracts.make_engine(self._database_url)
                 self._session_factory = contracts.make_session_factory(engine)
             return self._session_factory
+
+    def signing_context(self, *, stamp: bool) -> SigningContext:
+        # Installation caches the context (key loaded once per process); the lock keeps two
+        # first requests from loading the key twice.
+        with self._lock:
+            return self.installation.signing_context(
+                Role.POSITION, tsa_urls=self.tsa_urls, stamp=stamp
+            )
 
     def verify_policy(self) -> VerifyPolicy:
         with self._lock:
@@ -62,6 +79,14 @@ def installation() -> Installation:
 
 def verify_policy() -> VerifyPolicy:
     return _services().verify_policy()
+
+
+def signing_context(*, stamp: bool = True) -> SigningContext:
+    """The position key's signing context with this installation's TSAs, built once per process.
+
+    :raises KeyStoreError: the position key cannot be loaded.
+    """
+    return _services().signing_context(stamp=stamp)
 
 
 def session_factory() -> sessionmaker[Session]:

@@ -329,6 +329,62 @@ ENGLISH = {
     "ご不明な点は、契約の担当職員にお問い合わせください。": (
         "If anything is unclear, please contact the officer in charge of the contract."
     ),
+    # stamp templates (web/template_views.py)
+    "印影テンプレート": "Stamp templates",
+    "新しいテンプレート": "New template",
+    "文書の種類ごとに、印影を押すページと位置、QR コードの有無、署名レベルを決めます。": (
+        "For each type of document: the page and position of the stamp, the QR code, and the "
+        "signature level."
+    ),
+    "表示名": "Title",
+    "ページ": "Page",
+    "印影の枠": "Stamp box",
+    "QR コード": "QR code",
+    "最終ページ": "Last page",
+    "末尾から": "From the end:",
+    "右下(標準)": "Bottom right (default)",
+    "あり": "Yes",
+    "なし": "No",
+    "無効にする": "Deactivate",
+    "無効化済み": "Deactivated",
+    "テンプレートはまだありません。": "There are no templates yet.",
+    "印影テンプレートの編集": "Edit stamp template",
+    "このテンプレートは無効になっています。": "This template is deactivated.",
+    "テンプレート名(半角)": "Template name (ASCII)",
+    "英小文字・数字・ハイフン。後から変更できません。": (
+        "Lower-case letters, digits and hyphens. It cannot be changed later."
+    ),
+    "1 が最初のページ、-1 が最終ページ(負の数は末尾から数えます)。": (
+        "1 is the first page, -1 the last (negative numbers count from the end)."
+    ),
+    (
+        "ページ左下からの座標で、左下(x1, y1)と右上(x2, y2)を指定します。"
+        "すべて空欄なら右下の標準位置です。"
+    ): (
+        "Coordinates from the page's bottom-left corner: lower left (x1, y1) and upper right "
+        "(x2, y2). Leave all empty for the default bottom-right position."
+    ),
+    "単位": "Units",
+    "A4 は 595 × 842 pt(210 × 297 mm)。1 mm ≒ 2.835 pt。": (
+        "A4 is 595 × 842 pt (210 × 297 mm). 1 mm ≈ 2.835 pt."
+    ),
+    "オプション": "Options",
+    "検証用 QR コードを印字する": "Print the verification QR code",
+    "認証署名(署名後の変更を制限)": "Certification signature (limits changes after signing)",
+    "保存する": "Save",
+    "テンプレートを作成する": "Create template",
+    "印影の位置を確認": "Check the stamp's position",
+    (
+        "見本の PDF に、この設定で印影を押した画像を表示します(保存も記録もされません)。"
+        "PDF を選ばなければ県の見本(建設業許可通知書、2 ページ)を使います。"
+    ): (
+        "Shows a sample PDF stamped with these settings (nothing is saved or recorded). "
+        "Without a PDF, the prefecture's two-page sample permit notice is used."
+    ),
+    "見本の PDF(任意)": "Sample PDF (optional)",
+    "印影の位置を確認する": "Preview the stamp",
+    "印影を押したページ": "The page with the stamp",
+    "県の見本": "prefecture's sample",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
