@@ -10,6 +10,10 @@ from keys.errors import KoinError
 
 __all__ = [
     "AlreadyResponded",
+    "BatchError",
+    "BatchNotFound",
+    "InvalidBatchData",
+    "InvalidBatchState",
     "ApiKeyError",
     "ApiKeyInvalid",
     "ApiKeyNotFound",
@@ -421,6 +425,56 @@ class TemplateExists(TemplateError):
             name=name,
         )
         self.name = name
+
+
+# -- signing batches --------------------------------------------------------------------------
+
+
+class BatchError(ContractsError):
+    """Root of the errors of signing batches (:mod:`contracts.batches`)."""
+
+
+class BatchNotFound(BatchError):
+    """No signing batch has this public ID."""
+
+    def __init__(self, public_id: str) -> None:
+        super().__init__(
+            f"一括署名 {public_id} は見つかりません。",
+            f"There is no signing batch {public_id}.",
+            public_id=public_id,
+        )
+        self.public_id = public_id
+
+
+class InvalidBatchState(BatchError):
+    """The batch's status does not allow the requested action (e.g. adding a file to a batch
+    that has started).
+
+    :ivar status: the batch's status value.
+    :ivar action: what was asked (``add``, ``start``, ``cancel``, ``retry``).
+    """
+
+    def __init__(self, public_id: str, status: str, action: str) -> None:
+        super().__init__(
+            f"一括署名 {public_id} は現在「{status}」のため、この操作({action})はできません。",
+            f"Signing batch {public_id} is {status}; the action '{action}' is not possible now.",
+            public_id=public_id,
+            status=status,
+            action=action,
+        )
+        self.status = status
+        self.action = action
+
+
+class InvalidBatchData(BatchError):
+    """A file name, file, template or user offered for a batch is unusable.
+
+    :ivar field: which one (``file_name``, ``data``, ``template`` or ``user_id``).
+    """
+
+    def __init__(self, field: str, message: str, message_en: str) -> None:
+        super().__init__(message, message_en, field=field)
+        self.field = field
 
 
 # -- mail -------------------------------------------------------------------------------------
