@@ -300,6 +300,78 @@ def sign(
         )
 
 
+_BATCH_LABELS = {
+    "ja": {"signed": "署名済み", "skipped": "スキップ(署名済み)", "failed": "失敗"},
+    "en": {"signed": "signed", "skipped": "skipped (signed before)", "failed": "failed"},
+}
+
+
+@cli.command("sign-batch")
+@click.argument("in_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--template", "template_name", metavar="NAME",
+              help="Stamp template to sign with (default: B-T, stamp bottom-right of the last "
+              "page).")
+@click.option("--level", type=click.Choice([level.value for level in SignatureLevel]),
+              help="PAdES baseline level (default: the template's, else B-T).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Signing processes.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
+              help="Manifest CSV (default: OUT_DIR/manifest.csv).")
+@click.option("--quiet", is_flag=True, help="No progress lines (failures are still shown).")
+@click.pass_obj
+@refusals_exit_1
+def sign_batch(
+    settings: Settings,
+    in_dir: Path,
+    out_dir: Path,
+    template_name: str | None,
+    level: str | None,
+    workers: int,
+    manifest: Path | None,
+    quiet: bool,
+) -> None:
+    """Sign every *.pdf in IN_DIR with the position certificate into OUT_DIR (same names).
+
+    Resumable: inputs that the manifest shows as signed, with their output unchanged, are
+    skipped. Exit 0 if every file is signed or skipped, 1 if any failed (reason in the manifest
+    and on stderr).
+    """
+    from ._sign_batch import Row, run_batch, with_level
+
+    if in_dir.resolve() == out_dir.resolve():
+        raise click.UsageError("OUT_DIR must differ from IN_DIR")
+    _upgrade_database(settings)
+    options = SignOptions()
+    if template_name is not None:
+        import contracts
+
+        with _sessions(settings) as factory, factory() as session:
+            template = contracts.require_template(session, template_name)
+            options = contracts.sign_options(template, public_url=settings.public_url)
+    options = with_level(options, level)
+    labels = _BATCH_LABELS[settings.language]
+
+    def report(done: int, total: int, row: Row, label: str) -> None:
+        if label == "failed":
+            click.echo(f"[{done}/{total}] {row.input_name} {labels[label]}: {row.error}", err=True)
+        elif not quiet:
+            click.echo(f"[{done}/{total}] {row.input_name} {labels[label]}", err=True)
+
+    summary = run_batch(
+        settings, in_dir, out_dir, options, manifest=manifest or out_dir / "manifest.csv",
+        workers=workers, report=report,
+    )
+    if settings.language == "en":
+        click.echo(f"{summary.total} file(s): {summary.signed} signed, {summary.skipped} "
+                   f"skipped, {summary.failed} failed; manifest {summary.manifest}")
+    else:
+        click.echo(f"{summary.total} 件: 署名 {summary.signed} 件、スキップ {summary.skipped} 件、"
+                   f"失敗 {summary.failed} 件。マニフェスト {summary.manifest}")
+    if summary.failed:
+        sys.exit(EXIT_REFUSED)
+
+
 @cli.command()
 @click.argument("pdf", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
