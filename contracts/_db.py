@@ -54,6 +54,19 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def aware_utc(now: dt.datetime | None) -> dt.datetime:
+    """``now`` as an aware UTC datetime, or the current time when None (services take an
+    explicit ``now`` so tests can move the clock).
+
+    :raises ValueError: ``now`` is naive.
+    """
+    if now is None:
+        return utcnow()
+    if now.utcoffset() is None:
+        raise ValueError("now must be an aware datetime")
+    return now.astimezone(dt.UTC)
+
+
 class UtcDateTime(TypeDecorator[dt.datetime]):
     """An aware datetime, stored as UTC and always read back as aware UTC.
 

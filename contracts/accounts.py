@@ -40,7 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from ._db import Base, UtcDateTime, utcnow
+from ._db import Base, UtcDateTime, aware_utc, utcnow
 from .errors import (
     AccountDisabled,
     AccountLocked,
@@ -223,12 +223,6 @@ def _checked_display_name(name: str) -> str:
     return name
 
 
-def _aware(now: dt.datetime | None) -> dt.datetime:
-    if now is None:
-        return utcnow()
-    if now.utcoffset() is None:
-        raise ValueError("now must be an aware datetime")
-    return now.astimezone(dt.UTC)
 
 
 def generate_password() -> str:
@@ -375,7 +369,7 @@ def authenticate(
     :raises AccountDisabled: the password is right but the account is switched off.
     :raises ValueError: ``now`` is naive.
     """
-    now = _aware(now)
+    now = aware_utc(now)
     user = get_user_by_email(session, email)
     if user is None:
         check_password_hash(_dummy_hash(), password)

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from sqlalchemy import ForeignKey, String, func, or_, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
-from ._db import Base, utcnow
+from ._db import Base, aware_utc, utcnow
 from .accounts import User, UserRole
 from .errors import ApiKeyInvalid, ApiKeyNotFound, ApiKeyScope, InvalidApiKeyData
 
@@ -143,12 +143,6 @@ def _checked_name(name: str) -> str:
     return name
 
 
-def _aware(now: dt.datetime | None) -> dt.datetime:
-    if now is None:
-        return utcnow()
-    if now.utcoffset() is None:
-        raise ValueError("now must be an aware datetime")
-    return now.astimezone(dt.UTC)
 
 
 def _allowed(user: User, scope: ApiScope) -> bool:
@@ -199,7 +193,7 @@ def authenticate_api_key(
     :raises ValueError: ``scope`` is not an :class:`ApiScope` value, or ``now`` is naive.
     """
     needed = ApiScope(scope)
-    now = _aware(now)
+    now = aware_utc(now)
     if not _KEY.match(raw):
         raise ApiKeyInvalid()
     key = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == _digest(raw)))
@@ -226,7 +220,7 @@ def revoke_api_key(session: Session, prefix: str, *, now: dt.datetime | None = N
     :raises ApiKeyNotFound: no key has this prefix.
     :raises ValueError: ``now`` is naive.
     """
-    now = _aware(now)
+    now = aware_utc(now)
     wanted = prefix.strip().lower()
     key = session.scalar(select(ApiKey).where(ApiKey.prefix == wanted))
     if key is None:

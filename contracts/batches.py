@@ -80,7 +80,7 @@ from signer import (
     verify_pdf,
 )
 
-from ._db import Base, session_scope, utcnow
+from ._db import Base, aware_utc, session_scope, utcnow
 from ._periodic import PeriodicWorker
 from .accounts import User
 from .documents import get_document, record_signed_document
@@ -232,12 +232,6 @@ class Progress:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _aware(now: dt.datetime | None) -> dt.datetime:
-    if now is None:
-        return utcnow()
-    if now.utcoffset() is None:
-        raise ValueError("now must be an aware datetime")
-    return now
 
 
 def _rowcount(result: Any) -> int:
@@ -384,7 +378,7 @@ def start_batch(session: Session, batch: Batch, *, now: dt.datetime | None = Non
 
     :raises InvalidBatchState: the batch is not a draft, or has no documents.
     """
-    moment = _aware(now)
+    moment = aware_utc(now)
     result = session.execute(
         update(Batch)
         .where(
@@ -406,7 +400,7 @@ def cancel_batch(session: Session, batch: Batch, *, now: dt.datetime | None = No
 
     :raises InvalidBatchState: the batch is finished or already cancelled.
     """
-    moment = _aware(now)
+    moment = aware_utc(now)
     result = session.execute(
         update(Batch)
         .where(
@@ -427,7 +421,7 @@ def retry_failed(session: Session, batch: Batch, *, now: dt.datetime | None = No
 
     :raises InvalidBatchState: the batch is a draft or cancelled.
     """
-    moment = _aware(now)
+    moment = aware_utc(now)
     batch = _lock_batch(session, batch)
     if batch.status not in (BatchStatus.RUNNING, BatchStatus.FINISHED):
         raise _state_error(batch, "retry")
@@ -482,7 +476,7 @@ def finish_if_complete(session: Session, batch: Batch, *, now: dt.datetime | Non
     """Mark a running batch finished if none of its documents is waiting or running (one
     conditional ``UPDATE``). Call it in a transaction of its own, after the documents' changes
     have committed. Returns whether this call finished it."""
-    return _finish_where(session, Batch.id == batch.id, _aware(now)) == 1
+    return _finish_where(session, Batch.id == batch.id, aware_utc(now)) == 1
 
 
 def _finish_where(session: Session, condition: Any, moment: dt.datetime) -> int:
@@ -537,7 +531,7 @@ def claim_documents(
         raise ValueError(f"limit must be positive, got {limit}")
     if not owner or len(owner) > 64:
         raise ValueError("owner must be 1 to 64 characters")
-    moment = _aware(now)
+    moment = aware_utc(now)
     due = _due(moment)
     first_due = (
         select(BatchDocument.id)
@@ -571,7 +565,7 @@ def claim_documents(
 def reconcile(sessions: sessionmaker[Session], *, now: dt.datetime | None = None) -> int:
     """Put documents whose worker's lease has expired back to waiting, and finish running
     batches with nothing left to do. Returns how many documents were put back."""
-    moment = _aware(now)
+    moment = aware_utc(now)
     with session_scope(sessions) as session:
         result = session.execute(
             update(BatchDocument)
@@ -866,7 +860,7 @@ def sign_document(
     :param public_url: base of the verification URL for templates with a QR code.
     :raises ValueError: there is no such row.
     """
-    moment = _aware(now)
+    moment = aware_utc(now)
     prepared = _prepare(
         sessions, document_id, home=home, owner=owner, public_url=public_url, moment=moment
     )
@@ -885,20 +879,20 @@ def sign_document(
                 signed = _Signed(result.sha256, result.level, result.signed_at)
             except FileExistsError:  # an overtaken worker was faster: take its file
                 signed = _check_existing(job, source, job.output_path.read_bytes(), context)
-        _mark_done(sessions, job, signed, context, owner=owner, moment=_aware(now))
+        _mark_done(sessions, job, signed, context, owner=owner, moment=aware_utc(now))
     except _LeaseLost:
         log.warning("batch document %d: lease lost before it was marked done", document_id)
     except (InvalidPdfError, PlacementError, _InputUnusable, _OutputUnusable) as exc:
         log.info("batch document %d failed: %s", document_id, exc.message_en)
-        _release(sessions, document_id, owner=owner, moment=_aware(now), error=exc, final=True)
+        _release(sessions, document_id, owner=owner, moment=aware_utc(now), error=exc, final=True)
     except Exception as exc:
         log.warning("batch document %d not signed, will retry: %s", document_id, exc,
                     exc_info=not isinstance(exc, KoinError))
-        _release(sessions, document_id, owner=owner, moment=_aware(now), error=exc, final=False)
+        _release(sessions, document_id, owner=owner, moment=aware_utc(now), error=exc, final=False)
     state = _current_state(sessions, document_id)
     if state in (DocumentState.DONE, DocumentState.FAILED):
         with session_scope(sessions) as session:
-            _finish_where(session, Batch.id == job.batch_id, _aware(now))
+            _finish_where(session, Batch.id == job.batch_id, aware_utc(now))
     return state
 
 

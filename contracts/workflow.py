@@ -84,7 +84,7 @@ from signer import (
 )
 
 from . import _contract_mails as mails
-from ._db import session_scope, utcnow
+from ._db import aware_utc, session_scope, utcnow
 from .audit import EventData, append_event, chain_head
 from .documents import record_signed_document
 from .errors import (
@@ -341,12 +341,6 @@ class JobReport:
 # -- small helpers ------------------------------------------------------------------------------
 
 
-def _now(now: dt.datetime | None) -> dt.datetime:
-    if now is None:
-        return utcnow()
-    if now.utcoffset() is None:
-        raise ValueError("now must be an aware datetime")
-    return now.astimezone(dt.UTC)
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -753,7 +747,7 @@ def create_contract(
     """
     from .accounts import User
 
-    moment = _now(now)
+    moment = aware_utc(now)
     clean_title = _text("title", title, 200)
     signing_order = _choice(SigningOrder, order, "order")
     if not MIN_EXPIRY <= expires_in <= MAX_EXPIRY:
@@ -837,7 +831,7 @@ def send_contract(
     :raises InvalidContractState: the contract is not a draft.
     :raises InvalidContractData: its deadline has already passed.
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     base = _public_url(public_url)
     contract = _lock(session, contract.id)
     if contract.contract_status is not ContractStatus.DRAFT:
@@ -872,7 +866,7 @@ def resend_invitations(
 
     :raises InvalidContractState: the contract does not await answers.
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     base = _public_url(public_url)
     contract = _lock(session, contract.id)
     if not contract.contract_status.is_open or contract.expires_at <= moment:
@@ -910,7 +904,7 @@ def cancel_contract(
 
     :raises InvalidContractState: the contract is completing, completed or already closed.
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     contract = _lock(session, contract.id)
     status = contract.contract_status
     if status not in (ContractStatus.DRAFT, ContractStatus.SENT, ContractStatus.PARTIALLY_AGREED):
@@ -982,7 +976,7 @@ def open_link(
     :raises PartyLocked: the party is locked after too many wrong codes.
     :raises NotYourTurn: sequential contract, an earlier party has not consented.
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     found = _find_link(session, token, LinkPurpose.SIGN)
     party = session.get(Party, found.party_id)
     if party is None:  # pragma: no cover - foreign key
@@ -1092,7 +1086,7 @@ def resume_link(
     :raises IdentificationRequired: ``require_identification`` and the party has not
         identified since the link was last opened (here or in another browser).
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     contract, party, link = _party_link(session, token, party_id)
     _check_sign_link(session, contract, party, link, moment)
     if require_identification and party.identified_at is None:
@@ -1133,7 +1127,7 @@ def verify_code(
     :raises AlreadyResponded, ContractNotOpen: the party can no longer act.
     :raises PartyLocked: the party was already locked.
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     current = _reload_party(session, party)
     contract = _lock(session, current.contract_id)
     current = _reload_party(session, current)
@@ -1265,7 +1259,7 @@ def consent(
     :raises AlreadyResponded: the party answered already (also the loser of a double click).
     :raises ContractNotOpen, PartyLocked, NotYourTurn: the party cannot act now.
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     base = _public_url(public_url)
     contract, current, _ = _answerable(session, party, moment)
     seen = (document_sha256_seen or "").strip().lower()
@@ -1316,7 +1310,7 @@ def decline(
     :raises AlreadyResponded: the party answered already.
     :raises ContractNotOpen, PartyLocked, NotYourTurn: the party cannot act now.
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     contract, current, _ = _answerable(session, party, moment)
     text = _text("reason", reason, 1000, required=False)
     _decide(
@@ -1355,7 +1349,7 @@ def open_download(
     :raises LinkExpired: the link has expired.
     :raises ContractNotOpen: the contract is not completed (cannot happen for a real link).
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     found = _find_link(session, token, LinkPurpose.DOWNLOAD)
     if found.expires_at <= moment:
         raise LinkExpired()
@@ -1396,7 +1390,7 @@ def open_signed_copy(
     :raises LinkExpired: the link is past its validity (the completion mail's link remains).
     :raises ContractNotOpen: the contract is not completed, or the party did not consent.
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     _, party, found = _party_link(session, token, party_id)
     if found.expires_at <= moment:
         raise LinkExpired()
@@ -1687,7 +1681,7 @@ def complete_contract(
     base = _public_url(public_url or installation.public_url)
     owner = secrets.token_hex(16)
     with session_scope(sessions) as session:
-        if not _claim(session, contract_id, owner, _now(now)):
+        if not _claim(session, contract_id, owner, aware_utc(now)):
             contract = session.get(Contract, contract_id, populate_existing=True)
             if contract is None:
                 raise ContractNotFound(str(contract_id))
@@ -1700,7 +1694,7 @@ def complete_contract(
     try:
         context = installation.signing_context(Role.WITNESS, tsa_urls=tsa_urls, stamp=False)
         final = _make_final(installation, snapshot, context, base)
-        moment = _now(now)
+        moment = aware_utc(now)
         signed = EventData(
             contract=snapshot.public_id,
             seq=snapshot.head_seq + 1,
@@ -1882,7 +1876,7 @@ def run_due(
     left in ``completing`` (crashed or failed completion). Each contract is handled in its own
     transaction; a failure is reported and does not stop the others.
     """
-    moment = _now(now)
+    moment = aware_utc(now)
     base = _public_url(public_url)
     report = JobReport()
 
