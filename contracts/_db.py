@@ -11,12 +11,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
-from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy import ColumnElement, DateTime, Engine, MetaData, Select, create_engine, event
+from sqlalchemy.engine import URL, CursorResult, Dialect, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from .errors import ContractsError
@@ -163,6 +163,28 @@ def _create_private_file(database: str | None) -> None:
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     if path.stat().st_mode & 0o077:
         path.chmod(0o600)
+
+
+def rowcount(result: Any) -> int:
+    """Rows matched by an UPDATE/DELETE: how conditional updates tell who won a race."""
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def claim_predicate(
+    session: Session, id_column: InstrumentedAttribute[int], due: Select[Any]
+) -> ColumnElement[bool] | None:
+    """A WHERE clause picking the rows of ``due`` (ids, ordered and limited) for a claiming
+    UPDATE that concurrent workers may run at the same time; None when nothing is due.
+
+    PostgreSQL: the rows are locked first with ``FOR UPDATE SKIP LOCKED``, in the caller's
+    transaction (not as a sub-select of the UPDATE: PostgreSQL may re-run that per row and
+    claim far more than the limit). SQLite: one statement, which holds the database's write
+    lock from its start. The UPDATE must repeat the due conditions in its own WHERE.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        ids = session.scalars(due.with_for_update(skip_locked=True)).all()
+        return id_column.in_(ids) if ids else None
+    return id_column.in_(due.scalar_subquery())
 
 
 def make_engine(url: str) -> Engine:

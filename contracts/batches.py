@@ -47,12 +47,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pyhanko.pdf_utils.reader import PdfFileReader
 from sqlalchemy import (
     CheckConstraint,
-    CursorResult,
     ForeignKey,
     Index,
     String,
@@ -80,7 +79,7 @@ from signer import (
     verify_pdf,
 )
 
-from ._db import Base, aware_utc, session_scope, utcnow
+from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcnow
 from ._periodic import PeriodicWorker
 from .accounts import User
 from .documents import get_document, record_signed_document
@@ -234,10 +233,6 @@ class Progress:
 
 
 
-def _rowcount(result: Any) -> int:
-    return int(cast(CursorResult[Any], result).rowcount)
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -389,7 +384,7 @@ def start_batch(session: Session, batch: Batch, *, now: dt.datetime | None = Non
         .values(status=BatchStatus.RUNNING.value, started_at=moment)
     )
     batch = _lock_batch(session, batch)
-    if _rowcount(result) != 1:
+    if rowcount(result) != 1:
         raise _state_error(batch, "start")
     return batch
 
@@ -410,7 +405,7 @@ def cancel_batch(session: Session, batch: Batch, *, now: dt.datetime | None = No
         .values(status=BatchStatus.CANCELLED.value, finished_at=moment)
     )
     batch = _lock_batch(session, batch)
-    if _rowcount(result) != 1:
+    if rowcount(result) != 1:
         raise _state_error(batch, "cancel")
     return batch
 
@@ -436,7 +431,7 @@ def retry_failed(session: Session, batch: Batch, *, now: dt.datetime | None = No
             error=None, error_en=None, updated_at=moment,
         )
     )
-    count = _rowcount(result)
+    count = rowcount(result)
     if count and batch.status == BatchStatus.FINISHED:
         batch.status = BatchStatus.RUNNING.value
         batch.finished_at = None
@@ -490,7 +485,7 @@ def _finish_where(session: Session, condition: Any, moment: dt.datetime) -> int:
         .values(status=BatchStatus.FINISHED.value, finished_at=moment),
         execution_options={"synchronize_session": False},
     )
-    return _rowcount(result)
+    return rowcount(result)
 
 
 # -- working off a batch ------------------------------------------------------------------------
@@ -540,13 +535,9 @@ def claim_documents(
         .limit(limit)
     )
     with session_scope(sessions) as session:
-        if session.get_bind(BatchDocument).dialect.name == "postgresql":
-            ids = session.scalars(first_due.with_for_update(skip_locked=True)).all()
-            if not ids:
-                return []
-            chosen = BatchDocument.id.in_(ids)
-        else:
-            chosen = BatchDocument.id.in_(first_due.scalar_subquery())
+        chosen = claim_predicate(session, BatchDocument.id, first_due)
+        if chosen is None:
+            return []
         claimed = session.scalars(
             update(BatchDocument)
             .where(chosen, due)
@@ -579,7 +570,7 @@ def reconcile(sessions: sessionmaker[Session], *, now: dt.datetime | None = None
             ),
             execution_options={"synchronize_session": False},
         )
-        count = _rowcount(result)
+        count = rowcount(result)
     with session_scope(sessions) as session:
         _finish_where(session, Batch.id.is_not(None), moment)
     if count:
@@ -637,7 +628,7 @@ def _prepare(
                 .values(document_id=reserved, updated_at=moment),
                 execution_options={"synchronize_session": False},
             )
-            if _rowcount(result) != 1:
+            if rowcount(result) != 1:
                 return DocumentState(row.state)
             document_id = reserved
         else:
@@ -774,7 +765,7 @@ def _mark_done(
             ),
             execution_options={"synchronize_session": False},
         )
-        if _rowcount(result) != 1:
+        if rowcount(result) != 1:
             raise _LeaseLost
         known = get_document(session, job.document_id)
         if known is None or known.sha256 != signed.sha256:
@@ -825,7 +816,7 @@ def _release(
             update(BatchDocument).where(*_ours(row_id, owner)).values(**values),
             execution_options={"synchronize_session": False},
         )
-        return _rowcount(result) == 1
+        return rowcount(result) == 1
 
 
 def _current_state(sessions: sessionmaker[Session], row_id: int) -> DocumentState:

@@ -41,7 +41,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from signer import JST
 
-from ._db import Base, session_scope, utcnow
+from ._db import Base, claim_predicate, session_scope, utcnow
 from ._periodic import PeriodicWorker
 from ._smtp import SMTP_URL_ENV, MailTransport, SmtpSecurity, SmtpTransport
 from .errors import MailError
@@ -283,16 +283,9 @@ def _claim(sessions: sessionmaker[Session], now: dt.datetime, count: int) -> lis
         .limit(count)
     )
     with session_scope(sessions) as session:
-        if session.get_bind(OutboxMessage).dialect.name == "postgresql":
-            # Lock the rows first, then lease them, in one transaction. (Not as a sub-select
-            # of the UPDATE: PostgreSQL may re-run it per row and claim far more than count.)
-            ids = session.scalars(oldest_due.with_for_update(skip_locked=True)).all()
-            if not ids:
-                return []
-            chosen = OutboxMessage.id.in_(ids)
-        else:
-            # SQLite: one statement, which holds the database's write lock from its start.
-            chosen = OutboxMessage.id.in_(oldest_due.scalar_subquery())
+        chosen = claim_predicate(session, OutboxMessage.id, oldest_due)
+        if chosen is None:
+            return []
         claim = (
             update(OutboxMessage)
             .where(chosen, *due)

@@ -58,7 +58,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from asn1crypto import cms
 from pyhanko.pdf_utils.reader import PdfFileReader
@@ -66,7 +66,7 @@ from pyhanko.sign.validation import validate_pdf_signature
 from pyhanko.sign.validation.errors import SignatureValidationError
 from pyhanko.sign.validation.status import SignatureCoverageLevel
 from pyhanko_certvalidator import ValidationContext
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from keys import KoinError, Role, atomic_write
@@ -84,7 +84,7 @@ from signer import (
 )
 
 from . import _contract_mails as mails
-from ._db import aware_utc, session_scope, utcnow
+from ._db import aware_utc, rowcount, session_scope, utcnow
 from .audit import EventData, append_event, chain_head
 from .documents import record_signed_document
 from .errors import (
@@ -453,10 +453,6 @@ def contract_file(home: Path, relative: str) -> Path:
     return home / path
 
 
-def _rowcount(result: Any) -> int:
-    return int(cast(CursorResult[Any], result).rowcount)
-
-
 # -- reading ------------------------------------------------------------------------------------
 
 
@@ -510,7 +506,7 @@ def _lock(session: Session, contract_id: int) -> Contract:
         .values(status=Contract.status)
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) != 1:
+    if rowcount(result) != 1:
         raise ContractNotFound(str(contract_id))
     contract = session.get(Contract, contract_id, populate_existing=True)
     assert contract is not None
@@ -1224,7 +1220,7 @@ def _decide(
         .values(status=status.value, acted_at=moment, **values)
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) != 1:
+    if rowcount(result) != 1:
         raise AlreadyResponded(_reload_party(session, party).status)
     session.execute(
         update(AccessLink)
@@ -1454,7 +1450,7 @@ def _claim(session: Session, contract_id: int, owner: str, moment: dt.datetime) 
         .values(completion_owner=owner, completion_lease_until=moment + COMPLETION_LEASE)
         .execution_options(synchronize_session=False)
     )
-    return _rowcount(result) == 1
+    return rowcount(result) == 1
 
 
 def _release(sessions: sessionmaker[Session], contract_id: int, owner: str) -> None:
