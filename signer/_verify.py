@@ -421,8 +421,11 @@ def verify_pdf(source: bytes | Path, policy: VerifyPolicy) -> Report:
         fields = list(enumerate_sig_fields(reader, filled_status=True))
     except Exception as exc:
         raise _unreadable(exc) from exc
+    classifier = _RevisionClassifier(reader)
     for index, (name, _value, field_ref) in enumerate(fields, start=1):
-        report, emb = _verify_one(reader, data, index, name, field_ref, policy, dss, total, now)
+        report, emb = _verify_one(
+            reader, data, index, name, field_ref, policy, dss, total, now, classifier
+        )
         signature_reports.append(report)
         embedded.append((report, emb))
     _check_gaps_do_not_overlap(embedded)
@@ -532,6 +535,7 @@ def _verify_one(
     dss: DocumentSecurityStore | None,
     total: int,
     now: dt.datetime,
+    classifier: _RevisionClassifier,
 ) -> tuple[SignatureReport, EmbeddedPdfSignature | None]:
     report = SignatureReport(
         index=index, kind="signature", field_name=name, indication=Indication.PASSED,
@@ -601,7 +605,7 @@ def _verify_one(
         return report, emb
 
     _apply_status(report, emb, status, now)
-    _classify_changes(reader, emb, report, total)
+    _classify_changes(classifier, emb, report, total)
     return report, emb
 
 
@@ -793,7 +797,10 @@ def _time_aware(
 
 
 def _classify_changes(
-    reader: PdfFileReader, emb: EmbeddedPdfSignature, report: SignatureReport, total: int
+    classifier: _RevisionClassifier,
+    emb: EmbeddedPdfSignature,
+    report: SignatureReport,
+    total: int,
 ) -> None:
     coverage = emb.evaluate_signature_coverage()
     report.covers_whole_document = coverage.name == "ENTIRE_FILE"
@@ -803,10 +810,8 @@ def _classify_changes(
         return
     signed = emb.signed_revision
     docmdp = emb.docmdp_level if report.kind == "signature" else None
-    # Signature dictionaries by the revision that introduced them, to name timestamp revisions.
-    new_sig_kinds = _signature_kinds_by_revision(reader)
     for revision in range(signed + 1, total):
-        kind, detail = _classify_revision(reader, revision, docmdp, new_sig_kinds)
+        kind, detail = classifier.classify(revision, docmdp)
         allowed = kind in (
             ChangeKind.NONE, ChangeKind.DSS, ChangeKind.DOCUMENT_TIMESTAMP,
             ChangeKind.FORM_FILL_OR_SIGNING,
@@ -940,6 +945,23 @@ _DIFF_POLICY = StandardDiffPolicy(
     global_rules=[*DEFAULT_DIFF_POLICY.global_rules, _AnnotationAdditionRule()],
     form_rule=DEFAULT_DIFF_POLICY.form_rule,
 )
+
+
+class _RevisionClassifier:
+    """Classifies revisions of one file, each (revision, DocMDP) pair once: every signature
+    asks about all revisions after its own, and the diff is the costly part."""
+
+    def __init__(self, reader: PdfFileReader) -> None:
+        self.reader = reader
+        # Signature dictionaries by the revision that introduced them, to name timestamps.
+        self.sig_kinds = _signature_kinds_by_revision(reader)
+        self._seen: dict[tuple[int, MDPPerm | None], tuple[ChangeKind, str | None]] = {}
+
+    def classify(self, revision: int, docmdp: MDPPerm | None) -> tuple[ChangeKind, str | None]:
+        key = (revision, docmdp)
+        if key not in self._seen:
+            self._seen[key] = _classify_revision(self.reader, revision, docmdp, self.sig_kinds)
+        return self._seen[key]
 
 
 def _classify_revision(
