@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from babel.messages import catalog as babel_catalog
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po, write_po
 
@@ -406,6 +407,16 @@ def extract() -> bytes:
 
 def build() -> tuple[bytes, bytes]:
     """(.po, .mo) bytes for English from the current templates."""
+    # The header names the Babel version; a fixed one keeps the files independent of it.
+    installed_version = getattr(babel_catalog, "VERSION")  # noqa: B009 (not re-exported)
+    setattr(babel_catalog, "VERSION", "(koin)")  # noqa: B010
+    try:
+        return _build()
+    finally:
+        setattr(babel_catalog, "VERSION", installed_version)  # noqa: B010
+
+
+def _build() -> tuple[bytes, bytes]:
     catalog = read_po(io.BytesIO(extract()), locale="en")
     # A fixed header date keeps the .mo byte-for-byte reproducible (it embeds the header).
     catalog.creation_date = catalog.revision_date = FIXED_DATE
