@@ -1,5 +1,5 @@
 """REST API v1: public verification, and signing with an API key (:mod:`web.apiauth`).
-Documented in ``static/openapi.json``."""
+Documented by the OpenAPI fragments in ``web/openapi/`` (:func:`openapi_document`)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ __all__ = ["bp"]
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-OPENAPI_FILE = Path(__file__).parent / "static" / "openapi.json"
+#: One OpenAPI fragment per area of the API; ``00-base.json`` holds ``openapi``, ``info`` and the
+#: shared components, the others add ``paths`` and ``components``.
+OPENAPI_DIR = Path(__file__).parent / "openapi"
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +182,38 @@ def sign() -> tuple[Response, int] | Response:
     return response
 
 
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document: the fragments of ``web/openapi/`` merged in name order.
+
+    :raises ValueError: two fragments define the same path, operation or component.
+    """
+    document: dict[str, Any] = {}
+    for path in sorted(OPENAPI_DIR.glob("*.json")):
+        fragment: dict[str, Any] = json.loads(path.read_text("utf-8"))
+        for key, value in fragment.items():
+            if key not in ("paths", "components"):
+                document[key] = value
+                continue
+            section: dict[str, Any] = document.setdefault(key, {})
+            for name, entry in value.items():
+                if key == "components":
+                    group: dict[str, Any] = section.setdefault(name, {})
+                    for component, definition in entry.items():
+                        if component in group:
+                            raise ValueError(f"{path.name}: component {component} defined twice")
+                        group[component] = definition
+                else:
+                    operations: dict[str, Any] = section.setdefault(name, {})
+                    for method, operation in entry.items():
+                        if method in operations:
+                            raise ValueError(f"{path.name}: {method} {name} defined twice")
+                        operations[method] = operation
+    return document
+
+
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    document: dict[str, Any] = json.loads(OPENAPI_FILE.read_text("utf-8"))
-    return jsonify(document)
+    return jsonify(openapi_document())
 
 
 @bp.app_errorhandler(HTTPException)
