@@ -111,7 +111,7 @@ from .mail import (
     enqueue_mail,
     normalize_address,
 )
-from .models import SignedDocument
+from .models import SignedDocument, SigningChannel
 from .signing import sign_and_record
 from .templates import (
     StampTemplate,
@@ -246,6 +246,7 @@ __all__ = [
     "PartySpec",
     "PartyStatus",
     "SignedDocument",
+    "SigningChannel",
     "StampTemplate",
     "TemplateError",
     "TemplateExists",

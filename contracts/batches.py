@@ -85,6 +85,7 @@ from .accounts import User
 from .documents import get_document, record_signed_document
 from .errors import BatchNotFound, InvalidBatchData, InvalidBatchState
 from .mail import retry_delay
+from .models import SigningChannel
 from .templates import require_template, sign_options
 
 __all__ = [
@@ -119,6 +120,7 @@ LEASE = dt.timedelta(minutes=5)
 #: Largest input file accepted by :func:`add_document`.
 MAX_INPUT_BYTES = 50 * 2**20
 MAX_FILE_NAME = 200
+MAX_BATCH_NAME = 200
 MAX_ERROR = 1000
 #: Seconds between two rounds of :class:`BatchWorker` when there is nothing to do.
 DEFAULT_BATCH_INTERVAL = 5.0
@@ -156,6 +158,8 @@ class Batch(Base):
     created_by: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     #: Name of the stamp template (``stamp_templates.name``); None = the default stamp.
     template: Mapped[str | None] = mapped_column(String(64))
+    #: What the staff member called it (e.g. 令和8年11月分 建設業許可通知書), for the lists.
+    name: Mapped[str | None] = mapped_column(String(MAX_BATCH_NAME))
     status: Mapped[str] = mapped_column(String(12), index=True, default=BatchStatus.DRAFT.value)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None]
@@ -204,6 +208,9 @@ class BatchDocument(Base):
     #: Why the document failed (or why the last attempt did), in Japanese and English.
     error: Mapped[str | None] = mapped_column(String(MAX_ERROR))
     error_en: Mapped[str | None] = mapped_column(String(MAX_ERROR))
+    #: When the document was last handed to the task queue (Celery); the reconciler hands
+    #: it over again if it is still waiting long after that (a lost message, a dead worker).
+    queued_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     @property
@@ -270,16 +277,29 @@ def _state_error(batch: Batch, action: str) -> InvalidBatchState:
 
 
 def create_batch(
-    session: Session, *, home: Path, user_id: int, template: str | None = None
+    session: Session,
+    *,
+    home: Path,
+    user_id: int,
+    template: str | None = None,
+    name: str | None = None,
 ) -> Batch:
     """Create an empty draft batch (and its folder below ``home``) in the session's
     transaction (the caller commits).
 
-    :raises InvalidBatchData: no such user.
+    :param name: what the staff member calls the batch (optional, at most 200 characters).
+    :raises InvalidBatchData: no such user, or an over-long name.
     :raises TemplateNotFound: ``template`` does not name an active stamp template.
     """
     if session.get(User, user_id) is None:
         raise InvalidBatchData("user_id", "職員が見つかりません。", f"There is no user {user_id}.")
+    name = " ".join(name.split()) if name else None
+    if name is not None and (len(name) > MAX_BATCH_NAME or any(ord(ch) < 32 for ch in name)):
+        raise InvalidBatchData(
+            "name",
+            f"一括署名の名前は {MAX_BATCH_NAME} 文字までです。",
+            f"The batch name must be at most {MAX_BATCH_NAME} characters.",
+        )
     if template is not None:
         template = require_template(session, template).name
     public_id = secrets.token_urlsafe(16)
@@ -288,6 +308,7 @@ def create_batch(
         public_id=public_id,
         created_by=user_id,
         template=template,
+        name=name or None,
         status=BatchStatus.DRAFT.value,
         created_at=utcnow(),
     )
@@ -428,7 +449,7 @@ def retry_failed(session: Session, batch: Batch, *, now: dt.datetime | None = No
         )
         .values(
             state=DocumentState.WAITING.value, attempts=0, lease_owner=None, lease_until=None,
-            error=None, error_en=None, updated_at=moment,
+            error=None, error_en=None, queued_at=None, updated_at=moment,
         )
     )
     count = rowcount(result)
@@ -515,10 +536,13 @@ def claim_documents(
     limit: int,
     lease: dt.timedelta = LEASE,
     now: dt.datetime | None = None,
+    ids: Sequence[int] | None = None,
 ) -> list[int]:
     """Lease up to ``limit`` documents of running batches to ``owner``: waiting ones (past
     their back-off) and running ones whose lease has expired (their worker died), in upload
-    order. Safe with concurrent workers: no document is held by two owners at once.
+    order; with ``ids``, only among those rows (a queued task claiming its documents; the
+    ones that are done or held by another worker are left out). Safe with concurrent
+    workers: no document is held by two owners at once.
 
     :raises ValueError: ``limit`` below 1, empty ``owner`` or naive ``now``.
     """
@@ -528,6 +552,10 @@ def claim_documents(
         raise ValueError("owner must be 1 to 64 characters")
     moment = aware_utc(now)
     due = _due(moment)
+    if ids is not None:
+        if not ids:
+            return []
+        due = and_(due, BatchDocument.id.in_(list(ids)))
     first_due = (
         select(BatchDocument.id)
         .where(due)
@@ -566,7 +594,7 @@ def reconcile(sessions: sessionmaker[Session], *, now: dt.datetime | None = None
             )
             .values(
                 state=DocumentState.WAITING.value, lease_owner=None, lease_until=None,
-                updated_at=moment,
+                queued_at=None, updated_at=moment,
             ),
             execution_options={"synchronize_session": False},
         )
@@ -601,6 +629,8 @@ class _Job:
     output_path: Path
     document_id: str
     options: SignOptions
+    created_by: int
+    template: str | None
 
 
 def _prepare(
@@ -651,6 +681,8 @@ def _prepare(
             output_path=_home_file(home, relative),
             document_id=document_id,
             options=replace(options, document_id=document_id),
+            created_by=batch.created_by,
+            template=batch.template,
         )
 
 
@@ -778,6 +810,9 @@ def _mark_done(
                 level=signed.level,
                 signed_at=signed.signed_at,
                 file_name=job.file_name[-255:],
+                signed_by=job.created_by,
+                template=job.template,
+                channel=SigningChannel.BATCH,
             )
 
 
@@ -811,6 +846,7 @@ def _release(
                 state=DocumentState.WAITING.value,
                 attempts=BatchDocument.attempts + 1,
                 lease_until=moment + retry_delay(attempts + 1),
+                queued_at=None,  # queue it again once the back-off has passed
             )
         result = session.execute(
             update(BatchDocument).where(*_ours(row_id, owner)).values(**values),

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from signer import SignatureLevel, is_document_id
 
 from .errors import ContractsError, DocumentNotFound, DuplicateDocument
-from .models import SignedDocument
+from .models import SignedDocument, SigningChannel
 
 __all__ = [
     "find_documents_by_sha256",
@@ -60,6 +60,9 @@ def _checked_values(
     signed_at: dt.datetime,
     file_name: str | None,
     page_count: int | None,
+    signed_by: int | None,
+    template: str | None,
+    channel: SigningChannel | str | None,
 ) -> dict[str, Any]:
     canonical_id = normalize_document_id(document_id)
     if canonical_id is None:
@@ -80,6 +83,9 @@ def _checked_values(
         "signed_at": signed_at.astimezone(dt.UTC),
         "file_name": None if file_name is None else _text("file_name", file_name, 255),
         "page_count": page_count,
+        "signed_by": signed_by,
+        "template": None if template is None else _text("template", template, 64),
+        "channel": None if channel is None else SigningChannel(channel).value,
     }
 
 
@@ -94,6 +100,9 @@ def record_signed_document(
     signed_at: dt.datetime,
     file_name: str | None = None,
     page_count: int | None = None,
+    signed_by: int | None = None,
+    template: str | None = None,
+    channel: SigningChannel | str | None = None,
 ) -> SignedDocument:
     """Record a signed document in the session's transaction (the caller commits).
 
@@ -104,7 +113,7 @@ def record_signed_document(
 
     :raises DuplicateDocument: ``document_id`` is already recorded with different data.
     :raises ValueError: a malformed argument (document ID, SHA-256, naive ``signed_at``,
-        unknown level, empty or over-long text, page count below 1).
+        unknown level or channel, empty or over-long text, page count below 1).
     :raises ContractsError: the session's database is neither SQLite nor PostgreSQL.
     """
     values = _checked_values(
@@ -116,6 +125,9 @@ def record_signed_document(
         signed_at=signed_at,
         file_name=file_name,
         page_count=page_count,
+        signed_by=signed_by,
+        template=template,
+        channel=channel,
     )
     dialect = session.get_bind(SignedDocument).dialect.name
     conflict_target = [SignedDocument.document_id]

@@ -1,22 +1,36 @@
 """Tables of koin. Every change here needs a hand-reviewed migration in ``migrations/versions``.
 
-For now only the record of signed documents; batches, contracts and users will join it.
+The record of signed documents lives here; the other tables live beside their services.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum
 
-from sqlalchemy import CheckConstraint, String, func
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from signer import SignatureLevel
 
 from ._db import Base, utcnow
 
-__all__ = ["SignedDocument"]
+__all__ = ["SignedDocument", "SigningChannel"]
 
 _LEVELS = ", ".join(f"'{level.value}'" for level in SignatureLevel)
+
+
+class SigningChannel(StrEnum):
+    """How a document came to be signed (shown in the history)."""
+
+    WEB = "web"  # a staff member on the signing page
+    API = "api"  # POST /api/v1/sign with an API key
+    BATCH = "batch"  # a batch (page, API or remote CLI)
+    CLI = "cli"  # koin sign / koin sign-batch on the server
+    CONTRACT = "contract"  # the witness signature of a completed contract
+
+
+_CHANNELS = ", ".join(f"'{channel.value}'" for channel in SigningChannel)
 
 
 class SignedDocument(Base):
@@ -24,7 +38,11 @@ class SignedDocument(Base):
     SHA-256 of the signed file."""
 
     __tablename__ = "signed_documents"
-    __table_args__ = (CheckConstraint(f"level IN ({_LEVELS})", name="level"),)
+    __table_args__ = (
+        CheckConstraint(f"level IN ({_LEVELS})", name="level"),
+        CheckConstraint(f"channel IN ({_CHANNELS})", name="channel"),
+        Index("ix_signed_documents_signed_at", "signed_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     #: Printed ID, canonical form ``XXXX-XXXX-XXXX-XXXX`` (Crockford base32).
@@ -41,6 +59,15 @@ class SignedDocument(Base):
     #: Name of the uploaded original, if there was one.
     file_name: Mapped[str | None] = mapped_column(String(255))
     page_count: Mapped[int | None]
+    #: The staff member on whose behalf it was signed (page, API key, batch); None when
+    #: signed from the server's command line or as a contract's witness signature.
+    signed_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    #: Name of the stamp template used, if any.
+    template: Mapped[str | None] = mapped_column(String(64))
+    #: A :class:`SigningChannel` value; None for records made before it was kept.
+    channel: Mapped[str | None] = mapped_column(String(12))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, server_default=func.now())
 
     @property

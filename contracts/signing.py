@@ -12,6 +12,7 @@ from signer import SigningContext, SignOptions, SignResult, sign_pdf
 
 from ._db import session_scope
 from .documents import record_signed_document
+from .models import SigningChannel
 
 __all__ = ["sign_and_record"]
 
@@ -25,8 +26,14 @@ def sign_and_record(
     role: Role,
     file_name: str | None = None,
     output: Path | None = None,
+    signed_by: int | None = None,
+    template: str | None = None,
+    channel: SigningChannel | None = None,
 ) -> SignResult:
     """Sign a PDF and record it (ID, SHA-256 of the output, role, signer, level, time).
+
+    ``signed_by``, ``template`` and ``channel`` say for whom, with which stamp template and
+    how it was signed (the signing history shows them).
 
     If the record cannot be written, the signed output file is removed again: a signed
     document that the verify page does not know must not leave the service.
@@ -48,6 +55,9 @@ def sign_and_record(
                 level=result.level,
                 signed_at=result.signed_at,
                 file_name=file_name[-255:] if file_name else None,
+                signed_by=signed_by,
+                template=template,
+                channel=channel,
             )
     except BaseException:
         if output is not None:

@@ -102,6 +102,7 @@ from .errors import (
     NotYourTurn,
     PartyLocked,
 )
+from .models import SigningChannel
 from .workflow_models import (
     AccessLink,
     AuditEvent,
@@ -1786,6 +1787,7 @@ def _finish(
         signed_at=final.signed_at,
         file_name=f"{snapshot.title[:200]}.pdf",
         page_count=final.page_count,
+        channel=SigningChannel.CONTRACT,
     )
     session.flush()
     link_expiry = moment + DOWNLOAD_LINK_LIFETIME

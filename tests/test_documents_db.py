@@ -80,8 +80,10 @@ def test_upgrade_from_empty_creates_the_table_at_head(
             "uq_signed_documents_document_id"
         ]
         indexes = inspector.get_indexes("signed_documents")
-        assert [ix["name"] for ix in indexes if not ix.get("duplicates_constraint")] == [
-            "ix_signed_documents_sha256"
+        assert sorted(ix["name"] for ix in indexes if not ix.get("duplicates_constraint")) == [
+            "ix_signed_documents_sha256",
+            "ix_signed_documents_signed_at",
+            "ix_signed_documents_signed_by",
         ]
     finally:
         engine.dispose()

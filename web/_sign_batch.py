@@ -33,6 +33,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from contracts.models import SigningChannel
 from keys import KoinError, Role
 from signer import Installation, SignatureLevel, SigningContext, SignOptions
 
@@ -193,6 +194,7 @@ class _ManifestAppender:
 class _WorkerState:
     language: str
     options: SignOptions
+    template: str | None = None
     context: SigningContext | None = None
     engine: Engine | None = None
     sessions: sessionmaker[Session] | None = None
@@ -202,13 +204,13 @@ class _WorkerState:
 _state: _WorkerState | None = None
 
 
-def _init_worker(settings: Settings, options: SignOptions) -> None:
+def _init_worker(settings: Settings, options: SignOptions, template: str | None = None) -> None:
     """Build this process's signing context and database sessions, once for all its documents.
     A refusal (no key, wrong passphrase) is kept and reported with the first document."""
     import contracts
 
     global _state
-    state = _WorkerState(settings.language, options)
+    state = _WorkerState(settings.language, options, template)
     try:
         installation = Installation(settings.home, public_url=settings.public_url)
         state.context = installation.signing_context(Role.POSITION, tsa_urls=settings.tsa_urls)
@@ -272,7 +274,8 @@ def _sign_one(source: Path, output: Path) -> _Outcome:
                 return _Outcome(adopted, adopted=True)
         result = sign_and_record(
             state.sessions, data, state.context, state.options, role=Role.POSITION,
-            file_name=name, output=output,
+            file_name=name, output=output, template=state.template,
+            channel=SigningChannel.CLI,
         )
     except KoinError as exc:
         return _Outcome(Row(name, input_sha, error=_reason(exc, state.language)))
@@ -288,9 +291,10 @@ def _sign_one(source: Path, output: Path) -> _Outcome:
 
 
 def _in_process(
-    settings: Settings, options: SignOptions, jobs: Sequence[tuple[Path, Path]]
+    settings: Settings, options: SignOptions, jobs: Sequence[tuple[Path, Path]],
+    template: str | None,
 ) -> Generator[_Outcome, None, None]:
-    _init_worker(settings, options)
+    _init_worker(settings, options, template)
     try:
         for source, output in jobs:
             yield _sign_one(source, output)
@@ -299,7 +303,8 @@ def _in_process(
 
 
 def _in_pool(
-    settings: Settings, options: SignOptions, jobs: Sequence[tuple[Path, Path]], workers: int
+    settings: Settings, options: SignOptions, jobs: Sequence[tuple[Path, Path]], workers: int,
+    template: str | None,
 ) -> Generator[_Outcome, None, None]:
     """Outcomes in the order the documents finish. At most ``2 * workers`` documents are
     queued at once, so that stopping early leaves little started."""
@@ -308,7 +313,7 @@ def _in_pool(
     queue = iter(jobs)
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
-        initargs=(settings, options),
+        initargs=(settings, options, template),
     ) as pool:
         try:
             while True:
@@ -354,6 +359,7 @@ def run_batch(
     manifest: Path,
     workers: int = 1,
     report: Callable[[int, int, Row, str], None] = lambda done, total, row, label: None,
+    template: str | None = None,
 ) -> BatchSummary:
     """Sign every ``*.pdf`` of ``in_dir`` into ``out_dir`` (same names) that the manifest does
     not show as signed already; ``report(done, total, row, label)`` after each input, where
@@ -387,8 +393,8 @@ def run_batch(
         report(done, total, row, Status.SKIPPED.value)
 
     outcomes = (
-        _in_process(settings, options, jobs) if workers == 1
-        else _in_pool(settings, options, jobs, workers)
+        _in_process(settings, options, jobs, template) if workers == 1
+        else _in_pool(settings, options, jobs, workers, template)
     )
     appender = _ManifestAppender(manifest)
     try:

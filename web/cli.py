@@ -273,13 +273,13 @@ def sign(
         document_id=document_id,
         verify_base_url=settings.public_url if qr else None,
     )
-    from contracts import sign_and_record
+    from contracts import SigningChannel, sign_and_record
 
     _upgrade_database(settings)
     with _sessions(settings) as sessions:
         result = sign_and_record(
             sessions, input_pdf, context, options, role=Role(role),
-            file_name=input_pdf.name, output=output_pdf,
+            file_name=input_pdf.name, output=output_pdf, channel=SigningChannel.CLI,
         )
     summary = {
         "output": str(output_pdf),
@@ -360,7 +360,7 @@ def sign_batch(
 
     summary = run_batch(
         settings, in_dir, out_dir, options, manifest=manifest or out_dir / "manifest.csv",
-        workers=workers, report=report,
+        workers=workers, report=report, template=template_name,
     )
     if settings.language == "en":
         click.echo(f"{summary.total} file(s): {summary.signed} signed, {summary.skipped} "
