@@ -24,6 +24,7 @@ class PeriodicWorker(ABC, Generic[R]):
             raise ValueError(f"interval must be positive, got {interval}")
         self.interval = interval
         self._stopping = threading.Event()
+        self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
 
     @abstractmethod
@@ -37,6 +38,10 @@ class PeriodicWorker(ABC, Generic[R]):
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        """Start the next round now instead of after the interval (new work arrived)."""
+        self._wakeup.set()
 
     def start(self) -> None:
         """Start the thread.
@@ -52,15 +57,17 @@ class PeriodicWorker(ABC, Generic[R]):
     def stop(self, timeout: float | None = 120.0) -> None:
         """Ask the thread to stop after the round it is running, and wait for it."""
         self._stopping.set()
+        self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            self._wakeup.clear()
             if self.more_due(self.run_once()):
                 continue
-            self._stopping.wait(self.interval)
+            self._wakeup.wait(self.interval)
 
     def __enter__(self) -> Self:
         self.start()

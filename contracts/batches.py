@@ -81,7 +81,7 @@ from signer import (
 
 from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcnow
 from ._periodic import PeriodicWorker
-from .accounts import User
+from .accounts import User, UserRole, has_role
 from .documents import get_document, record_signed_document
 from .errors import BatchNotFound, InvalidBatchData, InvalidBatchState
 from .mail import retry_delay
@@ -99,6 +99,10 @@ __all__ = [
     "DocumentState",
     "Progress",
     "add_document",
+    "batch_of_user",
+    "get_batch_document",
+    "list_batches",
+    "list_documents_page",
     "batch_progress",
     "cancel_batch",
     "claim_documents",
@@ -330,6 +334,60 @@ def require_batch(session: Session, public_id: str) -> Batch:
     if batch is None:
         raise BatchNotFound(public_id)
     return batch
+
+
+def batch_of_user(session: Session, public_id: str, user: User) -> Batch:
+    """The batch ``public_id`` if ``user`` may see it: its creator, or an administrator.
+
+    :raises BatchNotFound: there is no such batch, or it is someone else's (the same answer,
+        so that nobody learns which batch IDs exist).
+    """
+    batch = get_batch(session, public_id)
+    if batch is None or not (batch.created_by == user.id or has_role(user, UserRole.ADMIN)):
+        raise BatchNotFound(public_id)
+    return batch
+
+
+def list_batches(
+    session: Session,
+    *,
+    created_by: int | None = None,
+    status: BatchStatus | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[Batch]:
+    """Batches, newest first; only ``created_by``'s when given, only of ``status`` when given."""
+    query = select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc())
+    if created_by is not None:
+        query = query.where(Batch.created_by == created_by)
+    if status is not None:
+        query = query.where(Batch.status == status.value)
+    return list(session.scalars(query.limit(max(1, min(limit, 500))).offset(max(0, offset))))
+
+
+def list_documents_page(
+    session: Session,
+    batch: Batch,
+    *,
+    state: DocumentState | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[BatchDocument]:
+    """A page of ``batch``'s documents in upload order, only those in ``state`` when given."""
+    query = select(BatchDocument).where(BatchDocument.batch_id == batch.id)
+    if state is not None:
+        query = query.where(BatchDocument.state == state.value)
+    query = query.order_by(BatchDocument.position).limit(max(1, min(limit, 1000)))
+    return list(session.scalars(query.offset(max(0, offset))))
+
+
+def get_batch_document(session: Session, batch: Batch, position: int) -> BatchDocument | None:
+    """Document number ``position`` (1-based upload order) of ``batch``, or None."""
+    return session.scalar(
+        select(BatchDocument).where(
+            BatchDocument.batch_id == batch.id, BatchDocument.position == position
+        )
+    )
 
 
 def _lock_batch(session: Session, batch: Batch) -> Batch:

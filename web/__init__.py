@@ -31,6 +31,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         # Token bucket per API key and per process (web.apiauth): requests/second, burst.
         KOIN_API_RATE=settings.api_rate,
         KOIN_API_BURST=settings.api_burst,
+        # Batches: Celery broker (None: a worker thread of `koin serve`), lease and re-queueing.
+        KOIN_BROKER_URL=settings.broker_url,
+        KOIN_BATCH_LEASE=settings.batch_lease,
+        KOIN_BATCH_REQUEUE=settings.batch_requeue,
+        KOIN_RECONCILE_INTERVAL=settings.reconcile_interval,
+        KOIN_BATCH_QUEUE=settings.batch_queue,
         # Development mode: /dev/mailbox and other pages that must not exist in production.
         KOIN_DEV_MODE=bool(settings.dev_mode),
         # the whole request may carry a little more than the file (multipart framing)
@@ -55,6 +61,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from . import (
         api,
+        api_batches,
         auth,
         contract_views,
         i18n,
@@ -71,6 +78,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # CSRF protects every form; exempt are the stateless public verification (page and API,
     # side-effect free) and the RFC 3161 TSA endpoint (machine-to-machine, no cookies).
     auth.csrf.exempt(api.bp)
+    auth.csrf.exempt(api_batches.bp)
     auth.csrf.exempt(verify_views.bp)
     auth.csrf.exempt(pki.tsa)
     app.register_blueprint(auth.bp)
@@ -80,6 +88,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(party_views.bp)
     app.register_blueprint(template_views.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(api_batches.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from contracts import sign_and_record
+from contracts import SigningChannel, get_template, session_scope, sign_and_record
+from contracts import sign_options as template_sign_options
 from contracts.apikeys import ApiScope
 from keys import Role
 from signer import (
@@ -78,20 +80,53 @@ def verify() -> tuple[Response, int] | Response:
     return jsonify(report.to_dict())
 
 
-def _sign_options() -> SignOptions:
-    """``level``, ``page``, ``box`` and ``no_stamp`` from the form or the query string.
+def _template_options(name: str, level_text: str) -> tuple[SignOptions, str]:
+    """The options of the active stamp template ``name`` (its level unless ``level`` is given).
 
-    :raises _BadParameter: one of them is unusable.
+    :raises _BadParameter: no such template, or an unusable level.
     """
-    values = request.values
-    level_text = values.get("level", SignatureLevel.B_T.value).strip().upper()
+    with session_scope(services.session_factory()) as session:
+        template = get_template(session, name)
+        if template is None or not template.active:
+            raise _BadParameter(
+                "template", f"印影テンプレート「{name}」はありません。",
+                f"There is no active stamp template {name!r}.",
+            )
+        options = template_sign_options(
+            template, public_url=str(current_app.config["KOIN_PUBLIC_URL"])
+        )
+        if level_text:
+            options = replace(options, level=_level(level_text))
+        return options, template.name
+
+
+def _level(text: str) -> SignatureLevel:
     try:
-        level = SignatureLevel(level_text)
+        return SignatureLevel(text.strip().upper())
     except ValueError:
         names = ", ".join(SignatureLevel)
         raise _BadParameter(
             "level", f"level は {names} のいずれかです。", f"level must be one of {names}."
         ) from None
+
+
+def _sign_options() -> tuple[SignOptions, str | None]:
+    """``template`` or else ``level``, ``page``, ``box`` and ``no_stamp`` from the form or the
+    query string; with the template's name when one was used.
+
+    :raises _BadParameter: one of them is unusable, or a template combined with placement.
+    """
+    values = request.values
+    template_name = values.get("template", "").strip()
+    if template_name:
+        if any(values.get(name, "").strip() for name in ("page", "box", "no_stamp")):
+            raise _BadParameter(
+                "template",
+                "template と page / box / no_stamp は同時に指定できません。",
+                "template cannot be combined with page, box or no_stamp.",
+            )
+        return _template_options(template_name, values.get("level", ""))
+    level = _level(values.get("level", SignatureLevel.B_T.value))
     no_stamp_text = values.get("no_stamp", "").strip().lower()
     if no_stamp_text not in _TRUE + _FALSE:
         raise _BadParameter(
@@ -105,7 +140,7 @@ def _sign_options() -> SignOptions:
                 "no_stamp と page / box は同時に指定できません。",
                 "no_stamp cannot be combined with page or box.",
             )
-        return SignOptions(level=level, placement=None)
+        return SignOptions(level=level, placement=None), None
     page = None
     if page_text:
         try:
@@ -127,15 +162,16 @@ def _sign_options() -> SignOptions:
                 "box must be four numbers x1,y1,x2,y2 in points.",
             )
         box = (numbers[0], numbers[1], numbers[2], numbers[3])
-    return SignOptions(level=level, placement=Placement(page, box))
+    return SignOptions(level=level, placement=Placement(page, box)), None
 
 
 @bp.post("/sign")
 @require_api_key(ApiScope.SIGN)
 def sign() -> tuple[Response, int] | Response:
     """Sign a PDF with the position key (the prefecture's seal) and record it; the body is
-    ``application/pdf`` or multipart with field ``file``; options ``level``, ``page``, ``box``,
-    ``no_stamp`` as form fields or query parameters. Answers the signed PDF.
+    ``application/pdf`` or multipart with field ``file``; options ``template`` (a stamp
+    template's name) or ``level``, ``page``, ``box``, ``no_stamp``, as form fields or query
+    parameters (``level`` also overrides a template's). Answers the signed PDF.
 
     :raise 400: nothing uploaded or an unusable option. :raise 401 / 403 / 429: see
         :func:`web.apiauth.require_api_key`. :raise 413: too large. :raise 415: wrong type.
@@ -144,7 +180,7 @@ def sign() -> tuple[Response, int] | Response:
     """
     try:
         data, file_name = uploaded_pdf()
-        options = _sign_options()
+        options, template = _sign_options()
     except RequestEntityTooLarge:
         return _too_large()
     except VerifyInputError as exc:
@@ -155,7 +191,8 @@ def sign() -> tuple[Response, int] | Response:
         context = services.signing_context(stamp=options.placement is not None)
         result = sign_and_record(
             services.session_factory(), data, context, options, role=Role.POSITION,
-            file_name=file_name,
+            file_name=file_name, signed_by=api_user().id, template=template,
+            channel=SigningChannel.API,
         )
     except EncryptedPdfError as exc:
         return api_error(422, "encrypted", exc.message, exc.message_en or exc.message)

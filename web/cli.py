@@ -833,6 +833,83 @@ def jobs_run_due(settings: Settings) -> None:
         sys.exit(EXIT_REFUSED)
 
 
+def _worker_config(settings: Settings) -> Any:
+    from contracts import tasks
+
+    return tasks.WorkerConfig(
+        home=str(settings.home.resolve()),
+        database_url=_database_url(settings),
+        public_url=settings.public_url,
+        tsa_urls=tuple(settings.tsa_urls),
+        lease_seconds=settings.batch_lease,
+        requeue_seconds=settings.batch_requeue,
+        reconcile_interval=settings.reconcile_interval,
+        queue=settings.batch_queue,
+    )
+
+
+def _require_broker(settings: Settings) -> str:
+    if not settings.broker_url:
+        raise KoinError(
+            "KOIN_BROKER_URL が設定されていません(例: redis://127.0.0.1:6379/0)。"
+            "1 台構成では koin serve が一括署名も行います。",
+            "KOIN_BROKER_URL is not set (e.g. redis://127.0.0.1:6379/0); on one machine "
+            "`koin serve` signs batches itself.",
+        )
+    return settings.broker_url
+
+
+@cli.command()
+@click.option("--concurrency", type=click.IntRange(1, 256), default=os.cpu_count() or 1,
+              show_default="number of CPUs", help="Signing processes.")
+@click.option("--beat/--no-beat", default=True, show_default=True,
+              help="Also run the scheduler of the reconciler (off when `koin scheduler` runs "
+              "elsewhere; running it twice does no harm).")
+@click.option("--loglevel", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--hostname", help="Celery node name (default: koin@HOST).")
+@click.pass_obj
+@refusals_exit_1
+def worker(
+    settings: Settings, concurrency: int, beat: bool, loglevel: str, hostname: str | None
+) -> None:
+    """Sign batch documents from the queue (Celery on KOIN_BROKER_URL) until stopped.
+
+    Each process loads the position key once. The database is the source of truth: a worker
+    that is killed loses no document (another takes it over when its lease ends).
+    """
+    from contracts import tasks
+
+    broker_url = _require_broker(settings)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    app = tasks.configure(broker_url, _worker_config(settings))
+    argv = [
+        "worker", f"--concurrency={concurrency}", "--pool=prefork", f"--loglevel={loglevel}",
+        f"--queues={settings.batch_queue}", "--without-gossip", "--without-mingle",
+        f"--hostname={hostname or 'koin@%h'}",
+    ]
+    if beat:
+        argv += ["--beat", f"--schedule={settings.home.resolve() / 'celerybeat-schedule'}"]
+    app.worker_main(argv)
+
+
+@cli.command()
+@click.option("--loglevel", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.pass_obj
+@refusals_exit_1
+def scheduler(settings: Settings, loglevel: str) -> None:
+    """Send the periodic tasks (the batch reconciler) to the workers, until stopped. Needed
+    when the workers run with --no-beat."""
+    from contracts import tasks
+
+    broker_url = _require_broker(settings)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    app = tasks.configure(broker_url, _worker_config(settings))
+    app.start(["beat", f"--loglevel={loglevel}",
+               f"--schedule={settings.home.resolve() / 'celerybeat-schedule'}"])
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
@@ -869,6 +946,16 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
                 if settings.jobs_interval > 0
                 else None
             )
+            # Batches: Celery workers when a broker is configured, else a thread here.
+            batches = None
+            if not settings.broker_url:
+                batches = contracts.BatchWorker(
+                    services.session_factory(), services.installation(),
+                    threads=max(1, settings.batch_threads),
+                    public_url=app.config["KOIN_PUBLIC_URL"], tsa_urls=settings.tsa_urls,
+                    lease=dt.timedelta(seconds=settings.batch_lease),
+                )
+                services.attach_batch_worker(batches)
         if dev_server is None:
             click.echo(f"koin: メールの送信先 {transport.url}", err=True)
         elif dev_mode:
@@ -879,13 +966,15 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
                        err=True)
         click.echo(f"koin: http://{host}:{port}/ (Ctrl-C で終了)", err=True)
         with worker:
-            if jobs is not None:
-                jobs.start()
+            for periodic in (jobs, batches):
+                if periodic is not None:
+                    periodic.start()
             try:
                 app.run(host=host, port=port, threaded=True, use_reloader=False)
             finally:
-                if jobs is not None:
-                    jobs.stop()
+                for periodic in (jobs, batches):
+                    if periodic is not None:
+                        periodic.stop()
     finally:
         if dev_server is not None:
             dev_server.stop()

@@ -74,3 +74,28 @@ class Settings:
     api_burst: int = field(
         default_factory=lambda: int(os.environ.get("KOIN_API_BURST", "").strip() or 20)
     )
+    #: Celery broker (e.g. ``redis://127.0.0.1:6379/0``): batches are signed by ``koin worker``
+    #: processes. None: by a thread of ``koin serve`` (embedded, one machine).
+    broker_url: str | None = field(
+        default_factory=lambda: os.environ.get("KOIN_BROKER_URL", "").strip() or None
+    )
+    #: Seconds a worker holds a claimed batch document before another may take it over.
+    batch_lease: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_BATCH_LEASE", "").strip() or 300)
+    )
+    #: Seconds after which a document still waiting in the queue is handed over again.
+    batch_requeue: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_BATCH_REQUEUE", "").strip() or 120)
+    )
+    #: Seconds between two rounds of the batch reconciler (Celery scheduler).
+    reconcile_interval: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_RECONCILE_INTERVAL", "").strip() or 15)
+    )
+    #: Signing threads of the embedded batch worker in ``koin serve`` (no broker).
+    batch_threads: int = field(
+        default_factory=lambda: int(os.environ.get("KOIN_BATCH_THREADS", "").strip() or 2)
+    )
+    #: Broker queue of this installation's batch tasks.
+    batch_queue: str = field(
+        default_factory=lambda: os.environ.get("KOIN_BATCH_QUEUE", "").strip() or "koin.batches"
+    )

@@ -14,6 +14,9 @@ from keys import Role
 from signer import Installation, SigningContext, VerifyPolicy
 
 __all__ = [
+    "attach_batch_worker",
+    "close",
+    "batch_executor",
     "find_document",
     "init_app",
     "installation",
@@ -39,13 +42,53 @@ class _Services:
         )
         self._session_factory: sessionmaker[Session] | None = None
         self.tsa_urls: tuple[str, ...] = tuple(app.config.get("KOIN_TSA_URLS") or ())
+        self.config = app.config
+        self._executor: contracts.BatchExecutor | None = None
+
+    def batch_executor(self) -> contracts.BatchExecutor:
+        with self._lock:
+            if self._executor is None:
+                broker_url = self.config.get("KOIN_BROKER_URL")
+                if broker_url:
+                    from contracts import tasks
+
+                    config = tasks.WorkerConfig(
+                        home=str(self.installation.home.resolve()),
+                        database_url=self._database_url,
+                        public_url=self.installation.public_url,
+                        tsa_urls=self.tsa_urls,
+                        lease_seconds=float(self.config["KOIN_BATCH_LEASE"]),
+                        requeue_seconds=float(self.config["KOIN_BATCH_REQUEUE"]),
+                        reconcile_interval=float(self.config["KOIN_RECONCILE_INTERVAL"]),
+                        queue=str(self.config["KOIN_BATCH_QUEUE"]),
+                    )
+                    tasks.configure(broker_url, config)
+                    self._executor = tasks.CeleryExecutor(self._session_factory_unlocked(), config)
+                else:
+                    self._executor = contracts.NoExecutor()
+            return self._executor
+
+    def close(self) -> None:
+        with self._lock:
+            if self._session_factory is not None:
+                bind = self._session_factory.kw.get("bind")
+                if bind is not None:
+                    bind.dispose()
+                self._session_factory = None
+
+    def attach_batch_worker(self, worker: contracts.BatchWorker) -> None:
+        with self._lock:
+            self._executor = contracts.InProcessExecutor(worker)
 
     def session_factory(self) -> sessionmaker[Session]:
         with self._lock:
-            if self._session_factory is None:
-                engine = contracts.make_engine(self._database_url)
-                self._session_factory = contracts.make_session_factory(engine)
-            return self._session_factory
+            return self._session_factory_unlocked()
+
+    def _session_factory_unlocked(self) -> sessionmaker[Session]:
+        if self._session_factory is None:
+            engine = contracts.make_engine(self._database_url)
+            self._session_factory = contracts.make_session_factory(engine)
+        return self._session_factory
 
     def signing_context(self, *, stamp: bool) -> SigningContext:
         # Installation caches the context (key loaded once per process); the lock keeps two
@@ -100,3 +143,20 @@ def find_document(doc_id: str) -> contracts.SignedDocument | None:
         if record is not None:
             session.expunge(record)
         return record
+
+
+def batch_executor() -> contracts.BatchExecutor:
+    """What gets started batches signed from this process: Celery workers (``KOIN_BROKER_URL``),
+    the in-process worker of ``koin serve``, or nothing (documents wait for a worker)."""
+    return _services().batch_executor()
+
+
+def attach_batch_worker(worker: contracts.BatchWorker) -> None:
+    """Use ``worker`` (a thread of this process, started by ``koin serve``) for batches."""
+    _services().attach_batch_worker(worker)
+
+
+def close(app: Flask) -> None:
+    """Close the database connections of ``app`` (tests, and servers that stop)."""
+    services: _Services = app.extensions["koin"]
+    services.close()
