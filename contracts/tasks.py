@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -189,15 +190,18 @@ class CeleryExecutor(BatchExecutor):
         sign_task.apply_async(args=[ids], queue=self.config.queue, retry=False)
 
     def backlog(self) -> int | None:
-        """Messages waiting in the batch queue, or None if the broker cannot tell."""
+        """Messages waiting in the batch queue (0 when the broker has no such queue: Redis
+        drops empty lists), or None if the broker cannot be asked."""
         try:
             with celery_app.connection_for_write() as connection:
                 declared = connection.default_channel.queue_declare(
                     queue=self.config.queue, passive=True
                 )
                 return int(declared.message_count)
-        except Exception as exc:  # broker down or queue not declared yet
-            log.info("batch queue: backlog unknown (%s)", exc.__class__.__name__)
+        except ChannelError:
+            return 0
+        except Exception as exc:  # the broker is down
+            log.warning("batch queue: backlog unknown (%s)", exc.__class__.__name__)
             return None
 
     def kick(self) -> None:
