@@ -1,7 +1,27 @@
-"""PKI and key stores: the demo PKI generator and the one place private keys are loaded."""
+"""PKI and key stores: the demo PKI generator, the one place private keys are loaded (PKCS#12
+files or a PKCS#11 token), and the key lifecycle (into a token, rotation)."""
 
 from ._files import atomic_write, write_private_file, write_public_file
 from ._install import InitResult, ensure_demo_pki, export_roots, refresh_crls
+from ._lifecycle import (
+    ARCHIVE_DIR,
+    DEFAULT_LABEL_PREFIX,
+    InitTokenResult,
+    Rotation,
+    TokenRole,
+    init_token,
+    rotate_key,
+)
+from ._pkcs11 import (
+    DEFAULT_MODULE,
+    PIN_ENV,
+    KeyKind,
+    Pkcs11Backend,
+    TokenSession,
+    TokenSigner,
+    open_token,
+    resolve_pin,
+)
 from ._pki import (
     CertificateAuthority,
     DemoPki,
@@ -33,25 +53,40 @@ from .errors import (
     KeyStoreError,
     KoinError,
     PassphraseError,
+    PinError,
     RoleNotConfigured,
+    TokenError,
 )
 
 __all__ = [
+    "ARCHIVE_DIR",
+    "DEFAULT_LABEL_PREFIX",
+    "DEFAULT_MODULE",
+    "PIN_ENV",
     "CertificateAuthority",
     "CertificateImportError",
     "DemoPki",
     "InitResult",
+    "InitTokenResult",
+    "KeyKind",
     "KeyBackend",
     "KeyStore",
     "KeyStoreError",
     "KoinError",
     "LocalKeySigner",
     "PassphraseError",
+    "PinError",
+    "Pkcs11Backend",
     "Pkcs12Backend",
     "PkiLayout",
     "Role",
     "RoleCredentials",
     "RoleNotConfigured",
+    "Rotation",
+    "TokenError",
+    "TokenRole",
+    "TokenSession",
+    "TokenSigner",
     "atomic_write",
     "check_role_certificate",
     "ensure_demo_pki",
@@ -59,13 +94,17 @@ __all__ = [
     "fingerprint",
     "generate_demo_pki",
     "import_pkcs12",
+    "init_token",
     "issue_crl",
     "issue_role_certificate",
     "load_certificate_authority",
     "load_certificates",
+    "open_token",
     "read_pkcs12",
     "refresh_crls",
     "resolve_passphrase",
+    "resolve_pin",
+    "rotate_key",
     "to_asn1",
     "write_crls",
     "write_pkcs12",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._files import write_private_file, write_public_file
@@ -184,7 +184,7 @@ def _make_ca(
 def issue_role_certificate(
     ca: CertificateAuthority,
     role: Role,
-    public_key: rsa.RSAPublicKey,
+    public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
     *,
     not_before: dt.datetime | None = None,
     lifetime: dt.timedelta = dt.timedelta(days=3 * 365),

@@ -1,10 +1,11 @@
 """The key store: the one place private keys are loaded.
 
 ``KeyStore.open(home)`` reads ``keys/keystore.json`` (which backend holds each role's key) and
-hands out a pyHanko :class:`~pyhanko.sign.signers.Signer` per role. Keys are parsed once per
-process and cached, because parsing an RSA key with full validation costs ~30 ms. A backend is
-anything implementing :class:`KeyBackend`; PKCS#12 files are the built-in one and a PKCS#11
-backend plugs in beside it without changing callers.
+hands out a pyHanko :class:`~pyhanko.sign.signers.Signer` per role. Keys are loaded once per
+process and cached, because parsing an RSA key with full validation costs ~30 ms (and logging in
+to a token more). A backend is anything implementing :class:`KeyBackend`: PKCS#12 files
+(:class:`Pkcs12Backend`) or a PKCS#11 token (:class:`keys.Pkcs11Backend`); callers do not know
+which.
 """
 
 from __future__ import annotations
@@ -297,6 +298,11 @@ class KeyStore:
     def roles(self) -> list[Role]:
         return sorted(self._backends)
 
+    def backend_for(self, role: Role) -> KeyBackend | None:
+        """Where ``role``'s key lives (``None``: not configured)."""
+        with self._lock:
+            return self._backends.get(role)
+
     def credentials(self, role: Role) -> RoleCredentials:
         """Load (once) and return the credentials of ``role``.
 
@@ -345,6 +351,10 @@ def _backend_from_manifest(home: Path, entry: dict[str, Any], passphrase: Any) -
                 return super().load(role)
 
         return _LazyPkcs12(home / "keys" / str(entry["file"]), b"")
+    if kind == "pkcs11":
+        from ._pkcs11 import Pkcs11Backend  # here: _pkcs11 itself builds on this module
+
+        return Pkcs11Backend.from_manifest(home, entry)
     raise KeyStoreError(
         f"鍵の保管方式 {kind!r} には対応していません。", f"Unknown key backend {kind!r}."
     )

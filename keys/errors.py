@@ -13,6 +13,8 @@ __all__ = [
     "PassphraseError",
     "RoleNotConfigured",
     "CertificateImportError",
+    "TokenError",
+    "PinError",
 ]
 
 
@@ -50,3 +52,11 @@ class RoleNotConfigured(KeyStoreError):
 
 class CertificateImportError(KeyStoreError):
     """A PKCS#12 file offered for import is unusable for the role."""
+
+
+class TokenError(KeyStoreError):
+    """A PKCS#11 module, token or key cannot be used (missing, ambiguous, refused)."""
+
+
+class PinError(TokenError):
+    """No PKCS#11 PIN was given, or the token refuses it. The message never contains the PIN."""

@@ -686,6 +686,127 @@ def keys_import(
     click.echo(f"{role} の鍵を取り込みました: {certificate.subject.rfc4514_string()}")
 
 
+def _role_pairs(values: Sequence[str], option: str) -> dict[Role, str]:
+    """Parse repeated ``ROLE=VALUE`` options. :raises click.BadParameter: malformed."""
+    pairs: dict[Role, str] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not rest or name not in {r.value for r in Role}:
+            raise click.BadParameter(
+                f"{value!r}: expected ROLE=VALUE with ROLE one of "
+                f"{', '.join(r.value for r in Role)}", param_hint=option,
+            )
+        if Role(name) in pairs:
+            raise click.BadParameter(f"{name} given twice", param_hint=option)
+        pairs[Role(name)] = rest
+    return pairs
+
+
+def _certificate_lines(certificate: Any) -> list[str]:
+    """Subject, serial and validity of a cryptography certificate, for people."""
+    return [
+        f"  subject:  {certificate.subject.rfc4514_string()}",
+        f"  serial:   {certificate.serial_number:x}",
+        f"  validity: {certificate.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC – "
+        f"{certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+    ]
+
+
+@keys_group.command("init-token")
+@click.option("--module", default=keys_lib.DEFAULT_MODULE, show_default=True,
+              help="Path of the PKCS#11 module.")
+@click.option("--token", "token_label", required=True, help="Label of the token.")
+@click.option("--pin-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File (mode 0600) holding the user PIN; recorded in the key store so later "
+              "runs read it (default: KOIN_PKCS11_PIN, else ask).")
+@click.option("--key-type", type=click.Choice([k.value for k in keys_lib.KeyKind]),
+              default=keys_lib.KeyKind.RSA2048.value, show_default=True,
+              help="Kind of the keys generated in the token.")
+@click.option("--label-prefix", default=keys_lib.DEFAULT_LABEL_PREFIX, show_default=True,
+              help="Keys are labelled PREFIX-position, PREFIX-witness, PREFIX-tsa.")
+@click.option("--key-label", "key_labels", multiple=True, metavar="ROLE=LABEL",
+              help="Label of one role's key instead of PREFIX-ROLE (repeatable).")
+@click.option("--import-cert", "import_certs", multiple=True, metavar="ROLE=CERT",
+              help="Use the key already in the token for ROLE with this certificate (PEM, "
+              "optionally followed by its CA chain) instead of generating one (repeatable).")
+@click.pass_obj
+@refusals_exit_1
+def keys_init_token(
+    settings: Settings,
+    module: str,
+    token_label: str,
+    pin_file: Path | None,
+    key_type: str,
+    label_prefix: str,
+    key_labels: Sequence[str],
+    import_certs: Sequence[str],
+) -> None:
+    """Move the position, witness and TSA keys into a PKCS#11 token (HSM).
+
+    Generates each key inside the token (sensitive, not extractable), issues its certificate
+    from the demo CA, stores the certificate in the token and in KOIN_HOME/keys, and switches
+    the key store to the token. The old PKCS#12 key files are deleted; their certificates are
+    archived in KOIN_HOME/keys/archive.
+    """
+    certificates = {
+        role: Path(path) for role, path in _role_pairs(import_certs, "--import-cert").items()
+    }
+    for path in certificates.values():
+        if not path.is_file():
+            raise click.BadParameter(f"{path} does not exist", param_hint="--import-cert")
+    labels = _role_pairs(key_labels, "--key-label")
+    recorded_pin_file: str | None = None
+    if pin_file is not None:
+        # Inside KOIN_HOME/keys the file is recorded relative to it, so the folder can move.
+        resolved, keys_dir = pin_file.resolve(), (settings.home / "keys").resolve()
+        recorded_pin_file = str(
+            resolved.relative_to(keys_dir) if resolved.is_relative_to(keys_dir) else resolved
+        )
+        pin, pin_source = keys_lib.resolve_pin(settings.home, recorded_pin_file, env=False)
+    elif os.environ.get(keys_lib.PIN_ENV):
+        pin, pin_source = os.environ[keys_lib.PIN_ENV], keys_lib.PIN_ENV
+    else:
+        pin = click.prompt(f"トークン {token_label} の PIN", hide_input=True, err=True)
+        pin_source = "PIN"
+    result = keys_lib.init_token(
+        settings.home, settings.public_url, module=module, token=token_label, pin=pin,
+        pin_source=pin_source, pin_file=recorded_pin_file, kind=keys_lib.KeyKind(key_type),
+        label_prefix=label_prefix, key_labels=labels, import_certs=certificates,
+    )
+    for entry in result.roles:
+        how = "トークン内で生成" if entry.generated else "トークン内の既存の鍵"
+        click.echo(f"{entry.role.value}: {how} (label {entry.key_label})")
+        for line in _certificate_lines(entry.certificate):
+            click.echo(line)
+    for path in result.archived:
+        click.echo(f"旧証明書を保管しました: {path}")
+    for path in result.removed:
+        click.echo(f"旧 PKCS#12 鍵ファイルを削除しました: {path}")
+    click.echo(f"鍵ストアを PKCS#11 トークン {result.token!r} ({result.module}) に切り替えました。")
+    if recorded_pin_file is None:
+        click.echo(f"署名するプロセスには {keys_lib.PIN_ENV} で PIN を渡してください。")
+
+
+@keys_group.command("rotate")
+@click.argument("role", type=click.Choice([r.value for r in Role]))
+@click.pass_obj
+@refusals_exit_1
+def keys_rotate(settings: Settings, role: str) -> None:
+    """Replace ROLE's key and certificate (new key in the token, or a new PKCS#12 file).
+
+    The old certificate is kept in KOIN_HOME/keys/archive; documents signed before keep
+    verifying. Restart running services (koin serve, koin tsa serve) to use the new key.
+    """
+    rotation = keys_lib.rotate_key(settings.home, Role(role), settings.public_url)
+    click.echo(f"{role} の鍵を更新しました ({rotation.backend}):")
+    for line in _certificate_lines(rotation.certificate):
+        click.echo(line)
+    click.echo(f"旧証明書 (serial {rotation.previous.serial_number:x}) を保管しました: "
+               f"{rotation.archived}")
+    if rotation.previous_key_label:
+        click.echo(f"旧鍵はトークン内にラベル {rotation.previous_key_label} で残っています。")
+
+
 @cli.group("pki")
 def pki_group() -> None:
     """Certificates and CRLs of this installation."""
