@@ -163,5 +163,5 @@ class Installation:
             )
             self._contexts[cache_key] = context
         if not stamp:
-            return SigningContext(context.signer, context.timestamper, None, context.trust)
+            return context.without_stamp()
         return context
