@@ -384,10 +384,10 @@ def test_a_1_gib_file_is_signed_streamed_under_128_mib(
         assert figures["peak_rss_mib"] <= 128, figures
         with (tmp_path / "out.pdf").open("rb") as out, big.open("rb") as original:
             assert out.read(1 << 20) == original.read(1 << 20)
-        reader = PdfFileReader((tmp_path / "out.pdf").open("rb"))
-        [signature] = reader.embedded_signatures
-        assert signature.sig_object["/SubFilter"] == "/ETSI.CAdES.detached"
-        assert signature.evaluate_signature_coverage().name == "ENTIRE_FILE"
+        with (tmp_path / "out.pdf").open("rb") as signed:
+            [signature] = PdfFileReader(signed).embedded_signatures
+            assert signature.sig_object["/SubFilter"] == "/ETSI.CAdES.detached"
+            assert signature.evaluate_signature_coverage().name == "ENTIRE_FILE"
     finally:
         big.unlink(missing_ok=True)
         (tmp_path / "out.pdf").unlink(missing_ok=True)
