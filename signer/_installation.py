@@ -85,6 +85,12 @@ class Installation:
         if not self.seal_file.exists():
             draw_demo_seal(self.seal_file)
             created.append(str(self.seal_file))
+        for role in TITLE_LINES:
+            # the stamp font subset for each role's title lines (see StampAppearance)
+            appearance = self.appearance(role)
+            if not appearance.prepared_font_file.exists():
+                appearance.prepared_font  # noqa: B018  # builds and saves it
+                created.append(str(appearance.prepared_font_file))
         return InitReport(result.created, result.passphrase_file_created, created)
 
     # -- objects ----------------------------------------------------------------------------
@@ -163,5 +169,5 @@ class Installation:
             )
             self._contexts[cache_key] = context
         if not stamp:
-            return SigningContext(context.signer, context.timestamper, None, context.trust)
+            return context.without_stamp()
         return context

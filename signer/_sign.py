@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import io
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -24,14 +26,17 @@ from pyhanko.sign import fields, signers
 from pyhanko.sign.fields import MDPPerm, SigFieldSpec, SigSeedSubFilter
 from pyhanko.sign.general import SigningError as PyHankoSigningError
 from pyhanko.sign.signers import Signer
+from pyhanko.sign.signers.pdf_signer import PdfTBSDocument
 from pyhanko.sign.timestamps import TimeStamper
 from pyhanko.sign.validation import read_certification_data
 from pyhanko_certvalidator import ValidationContext
 from pyhanko_certvalidator.errors import PathBuildingError, PathValidationError
 
+from ._cms_template import TemplateSigner
 from ._docid import new_document_id
 from ._era import format_japanese_datetime
 from ._pdf_input import open_for_signing, page_box, resolve_page_index
+from ._prebuilt import StampNotCovered
 from ._stamp import Box, StampAppearance, check_box, default_box
 from .errors import PlacementError, SigningError
 
@@ -128,14 +133,48 @@ class SignOptions:
         return f"{self.verify_base_url.rstrip('/')}/verify/{document_id}"
 
 
+class _FastState:
+    """What the fast path of one :class:`SigningContext` prepares once: the CMS template
+    signer and the size of a time-stamp token."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.template_signer: TemplateSigner | None = None
+        self.token_size: int | None = None
+
+
 @dataclass(frozen=True)
 class SigningContext:
-    """The parts of signing that live for a whole process: key, TSA client, stamp assets."""
+    """The parts of signing that live for a whole process: key, TSA client, stamp assets.
+
+    Hold one per process (or per worker) and reuse it: with ``fast`` (the default) the first
+    signature prepares a CMS template, the stamp's font subset and seal image, and later ones
+    only fill in what changes (see ``docs`` in ``bench/README.md``). ``fast=False`` signs with
+    pyHanko's stock pipeline; both give equivalent signatures.
+    """
 
     signer: Signer
     timestamper: TimeStamper | None
     appearance: StampAppearance | None
     trust: TrustMaterial | None = None
+    fast: bool = True
+    _fast: _FastState = field(
+        default_factory=_FastState, init=False, repr=False, compare=False
+    )
+
+    def without_stamp(self) -> SigningContext:
+        """The same context without a stamp appearance, sharing what the fast path
+        prepared (key, CMS template, token size)."""
+        context = SigningContext(self.signer, self.timestamper, None, self.trust, self.fast)
+        object.__setattr__(context, "_fast", self._fast)
+        return context
+
+    def template_signer(self) -> TemplateSigner:
+        state = self._fast
+        with state.lock:
+            if state.template_signer is None:
+                state.template_signer = TemplateSigner(self.signer)
+            return state.template_signer
 
 
 @dataclass(frozen=True)
@@ -176,7 +215,39 @@ def sign_pdf(
     signed_at = dt.datetime.now(dt.UTC)
     _check_certificate_validity(context.signer, signed_at)
     document_id = options.document_id or new_document_id()
+    if context.fast:
+        try:
+            return _sign(source, context, options, output, signed_at, document_id, fast=True)
+        except StampNotCovered as exc:
+            # a stamp text with a glyph outside the prepared font subset: sign the plain way
+            log.info("stamp needs a glyph outside the prepared subset (%s); plain path", exc)
+    return _sign(source, context, options, output, signed_at, document_id, fast=False)
 
+
+#: Bytes read or hashed at a time when copying and digesting large files.
+CHUNK_SIZE = 1 << 20
+#: Room left in ``/Contents`` beyond the computed CMS size, plus a quarter of the token size
+#: (a remote TSA's tokens may vary); a CMS that still does not fit is retried with more.
+CONTENTS_MARGIN = 1024
+MAX_ATTEMPTS = 3
+
+
+class _ContentsTooSmall(Exception):
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
+
+
+def _sign(
+    source: bytes | Path | BinaryIO,
+    context: SigningContext,
+    options: SignOptions,
+    output: Path | None,
+    signed_at: dt.datetime,
+    document_id: str,
+    *,
+    fast: bool,
+) -> SignResult:
     with ExitStack() as stack:
         stream: BinaryIO
         if isinstance(source, bytes):
@@ -211,7 +282,6 @@ def sign_pdf(
                 "No stamp appearance is configured; sign with --no-stamp or run `koin init`.",
             )
 
-        pdf_signer = _pdf_signer(context, options, field_name, page_number, box)
         text_params = None
         if box is not None and context.appearance is not None:
             text_params = {
@@ -223,19 +293,74 @@ def sign_pdf(
             if url:
                 text_params["url"] = url
 
+        def write(out: BinaryIO) -> None:
+            if not fast:
+                pdf_signer = _pdf_signer(context, options, field_name, page_number, box)
+                _run(pdf_signer, writer, out, text_params)
+                return
+            reserve = _contents_size(context, options.level)
+            current = writer
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                pdf_signer = _pdf_signer(
+                    context, options, field_name, page_number, box, fast=True
+                )
+                try:
+                    _run_fast(context, pdf_signer, current, out, text_params, reserve)
+                    return
+                except _ContentsTooSmall as too_small:
+                    if attempt == MAX_ATTEMPTS:
+                        raise SigningError(
+                            "署名データが予約した領域に収まりませんでした。",
+                            f"The signature ({too_small.needed} bytes) did not fit into the "
+                            f"space reserved for it ({reserve // 2} bytes).",
+                        ) from too_small
+                    log.warning(
+                        "CMS of %d bytes did not fit into %d reserved; retrying",
+                        too_small.needed, reserve // 2,
+                    )
+                    reserve = max(2 * reserve, 2 * (too_small.needed + CONTENTS_MARGIN))
+                    out.seek(0)
+                    out.truncate()
+                    current = open_for_signing(stream)
+
         if output is None:
             buffer = io.BytesIO()
-            _run(pdf_signer, writer, buffer, text_params)
+            write(buffer)
             data = buffer.getvalue()
             digest = hashlib.sha256(data).hexdigest()
             return SignResult(
                 document_id, options.level, field_name, signed_at, digest, page_number, box,
                 None, data,
             )
-        digest = _write_atomically(output, lambda out: _run(pdf_signer, writer, out, text_params))
+        digest = _write_atomically(output, write)
         return SignResult(
             document_id, options.level, field_name, signed_at, digest, page_number, box, output
         )
+
+
+def _contents_size(context: SigningContext, level: SignatureLevel) -> int:
+    """Hex digits to reserve for ``/Contents``: the CMS from the template (its size is known
+    exactly) plus a time-stamp token as large as the TSA's last one, with a margin.
+
+    PAdES puts certificates and CRLs of B-LT into the DSS, not into the CMS, so the level does
+    not change the size.
+    """
+    template = context.template_signer().template()
+    size = template.base_size + CONTENTS_MARGIN
+    if level.needs_timestamp:
+        token = _token_size(context)
+        size += token + token // 4 + 64  # + the unsignedAttrs wrapping
+    return 2 * size
+
+
+def _token_size(context: SigningContext) -> int:
+    state = context._fast
+    if state.token_size is None:
+        assert context.timestamper is not None
+        # pyHanko's dummy response: one real token per timestamper, cached by pyHanko
+        token = asyncio.run(context.timestamper.async_dummy_response("sha256"))
+        state.token_size = len(token.dump())
+    return state.token_size
 
 
 def _check_context(context: SigningContext, options: SignOptions) -> None:
@@ -318,6 +443,8 @@ def _pdf_signer(
     field_name: str,
     page_number: int | None,
     box: Box | None,
+    *,
+    fast: bool = False,
 ) -> signers.PdfSigner:
     level = options.level
     meta = signers.PdfSignatureMetadata(
@@ -342,10 +469,12 @@ def _pdf_signer(
     )
     return signers.PdfSigner(
         meta,
-        signer=context.signer,
+        signer=context.template_signer() if fast else context.signer,
         timestamper=context.timestamper if level.needs_timestamp else None,
         stamp_style=(
-            context.appearance.style_for(box, qr=options.verify_base_url is not None)
+            context.appearance.style_for(
+                box, qr=options.verify_base_url is not None, prebuilt=fast
+            )
             if box and context.appearance
             else None
         ),
@@ -377,6 +506,63 @@ def _run(
         ) from exc
 
 
+def _run_fast(
+    context: SigningContext,
+    pdf_signer: signers.PdfSigner,
+    writer: IncrementalPdfFileWriter,
+    out: BinaryIO,
+    text_params: dict[str, str] | None,
+    reserve: int,
+) -> None:
+    """pyHanko's ``PdfSigner.sign_pdf`` step by step, with ``/Contents`` reserved from a
+    computed size instead of a dry-run signature, the CMS from the template, and large files
+    copied and hashed in :data:`CHUNK_SIZE` pieces.
+
+    :raises _ContentsTooSmall: the CMS is larger than ``reserve`` (nothing usable written).
+    """
+    writer.IO_CHUNK_SIZE = CHUNK_SIZE  # copying the original: pyHanko's default is 4 KiB
+    signer = context.template_signer()
+
+    async def steps() -> None:
+        validation_context = pdf_signer.signature_meta.validation_context
+        try:
+            session = pdf_signer.init_signing_session(writer)
+            validation_info = await session.perform_presign_validation(writer)
+            tbs = session.prepare_tbs_document(
+                validation_info=validation_info,
+                bytes_reserved=reserve,
+                appearance_text_params=text_params,
+            )
+            prepared, written = tbs.digest_tbs_document(output=out, chunk_size=CHUNK_SIZE)
+            cms_der = await signer.sign_der(prepared.document_digest, session.timestamper)
+            if 2 * len(cms_der) > reserve:
+                raise _ContentsTooSmall(len(cms_der))
+            post_sign = PdfTBSDocument.resume_signing(
+                written,
+                prepared,
+                cms_der,
+                post_sign_instr=tbs.post_sign_instructions,
+                validation_context=tbs.validation_context,
+            )
+            await post_sign.post_signature_processing(written, chunk_size=CHUNK_SIZE)
+        finally:
+            if validation_context is not None:
+                await validation_context.aclose()
+
+    try:
+        asyncio.run(steps())
+    except (PathBuildingError, PathValidationError) as exc:
+        raise SigningError(
+            "署名用証明書の検証に失敗しました(信頼点・CRL を確認してください)。",
+            f"The signing certificate chain could not be validated: {exc}",
+        ) from exc
+    except (PyHankoSigningError, PdfError) as exc:
+        message = str(exc)
+        raise SigningError(
+            f"署名できませんでした: {message}", f"Signing failed: {message}"
+        ) from exc
+
+
 def _write_atomically(output: Path, write: Callable[[BinaryIO], None]) -> str:
     """Call ``write(stream)`` on a temporary file beside ``output``; rename it into place only
     when complete. Returns the SHA-256 of what was written."""
@@ -389,7 +575,7 @@ def _write_atomically(output: Path, write: Callable[[BinaryIO], None]) -> str:
             os.fsync(handle.fileno())
             handle.seek(0)
             digest = hashlib.sha256()
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
+            for chunk in iter(lambda: handle.read(CHUNK_SIZE), b""):
                 digest.update(chunk)
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, output)
