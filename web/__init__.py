@@ -55,6 +55,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from . import (
         api,
+        api_contracts,
         auth,
         contract_views,
         i18n,
@@ -71,6 +72,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # CSRF protects every form; exempt are the stateless public verification (page and API,
     # side-effect free) and the RFC 3161 TSA endpoint (machine-to-machine, no cookies).
     auth.csrf.exempt(api.bp)
+    auth.csrf.exempt(api_contracts.bp)  # API keys, no cookies
     auth.csrf.exempt(verify_views.bp)
     auth.csrf.exempt(pki.tsa)
     app.register_blueprint(auth.bp)
@@ -80,6 +82,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(party_views.bp)
     app.register_blueprint(template_views.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(api_contracts.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views
 
