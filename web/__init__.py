@@ -56,6 +56,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from . import (
         api,
         api_contracts,
+        apikey_views,
         auth,
         contract_views,
         i18n,
@@ -83,6 +84,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(template_views.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api_contracts.bp)
+    app.register_blueprint(apikey_views.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views
 
