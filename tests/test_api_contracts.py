@@ -641,7 +641,8 @@ def test_actions_in_the_wrong_state_and_bad_bodies(
 
     # Listing: filters and pages.
     for query, code in [
-        ("status=unknown", "invalid_status"), ("page=0", "invalid_page"),
+        ("status=unknown", "invalid_status"), ("status=", "invalid_status"),
+        ("page=0", "invalid_page"),
         ("page=x", "invalid_page"), ("per_page=101", "invalid_per_page"),
         ("per_page=-1", "invalid_per_page"), ("page=１", "invalid_page"),
     ]:
@@ -676,3 +677,11 @@ def test_every_route_is_documented(koin_home: Path, tmp_path: Path) -> None:
         operation = OPENAPI["paths"][path][method]
         assert operation["security"] == [{"bearerApiKey": []}]
         assert {"401", "403", "429"} <= set(operation["responses"])
+
+
+def test_wrong_method_is_json_405_with_allow(api: Api) -> None:
+    response = api.client.get(
+        f"{BASE}/AAAA/send", headers={"Authorization": f"Bearer {api.key}"}
+    )
+    assert response.status_code == 405 and "POST" in response.headers["Allow"]
+    assert response.get_json()["error"]["code"] == "method_not_allowed"

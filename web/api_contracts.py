@@ -563,7 +563,7 @@ def contract_list() -> Response:
 
     :raise 400: unknown status, or page / per_page out of range.
     """
-    status = request.args.get("status") or None
+    status = request.args.get("status")  # given but empty: refused like any unknown status
     page = _whole("page", 1, 1, 1_000_000)
     per_page = _whole("per_page", DEFAULT_PER_PAGE, 1, MAX_PER_PAGE)
     try:
