@@ -65,6 +65,7 @@ __all__ = [
     "get_user",
     "get_user_by_email",
     "has_role",
+    "list_users",
     "normalize_email",
     "set_password",
 ]
@@ -405,6 +406,14 @@ def get_user_by_email(session: Session, email: str) -> User | None:
     except InvalidAccountData:
         return None
     return session.scalar(select(User).where(User.email == address))
+
+
+def list_users(session: Session, *, active_only: bool = False) -> list[User]:
+    """Every account (or every active one), by email address."""
+    query = select(User).order_by(User.email)
+    if active_only:
+        query = query.where(User.is_active.is_(True))
+    return list(session.scalars(query))
 
 
 def set_password(session: Session, user: User, password: str) -> None:

@@ -33,7 +33,9 @@ __all__ = [
     "ApiKey",
     "ApiScope",
     "authenticate_api_key",
+    "allowed_scopes",
     "create_api_key",
+    "list_all_api_keys",
     "list_api_keys",
     "revoke_api_key",
 ]
@@ -150,6 +152,11 @@ def _allowed(user: User, scope: ApiScope) -> bool:
     return role is None or role in user.roles
 
 
+def allowed_scopes(user: User) -> list[ApiScope]:
+    """The scopes that ``user``'s roles allow on a key, in :class:`ApiScope` order."""
+    return [scope for scope in ApiScope if _allowed(user, scope)]
+
+
 # -- services ---------------------------------------------------------------------------------
 
 
@@ -213,18 +220,25 @@ def authenticate_api_key(
     return key.user
 
 
-def revoke_api_key(session: Session, prefix: str, *, now: dt.datetime | None = None) -> ApiKey:
+def revoke_api_key(
+    session: Session,
+    prefix: str,
+    *,
+    owner: User | None = None,
+    now: dt.datetime | None = None,
+) -> ApiKey:
     """Revoke the key with ``prefix`` (the caller commits); revoking again keeps the first
-    revocation time.
+    revocation time. With ``owner``, only a key of that user (a staff member revoking their
+    own key); another's is not found.
 
-    :raises ApiKeyNotFound: no key has this prefix.
+    :raises ApiKeyNotFound: no key has this prefix (or ``owner`` is not its owner).
     :raises ValueError: ``now`` is naive.
     """
     now = aware_utc(now)
     wanted = prefix.strip().lower()
     key = session.scalar(select(ApiKey).where(ApiKey.prefix == wanted))
-    if key is None:
-        raise ApiKeyNotFound(prefix.strip())
+    if key is None or (owner is not None and key.user_id != owner.id):
+        raise ApiKeyNotFound(prefix.strip()[:PREFIX_LENGTH * 2])
     session.execute(
         update(ApiKey)
         .where(ApiKey.id == key.id, ApiKey.revoked_at.is_(None))
@@ -240,5 +254,17 @@ def list_api_keys(session: Session, user: User) -> list[ApiKey]:
     return list(
         session.scalars(
             select(ApiKey).where(ApiKey.user_id == user.id).order_by(ApiKey.created_at, ApiKey.id)
+        )
+    )
+
+
+def list_all_api_keys(session: Session) -> list[ApiKey]:
+    """Every key of every user (an administrator's view), revoked ones included, by the owner's
+    email address and then oldest first."""
+    return list(
+        session.scalars(
+            select(ApiKey)
+            .join(User, User.id == ApiKey.user_id)
+            .order_by(User.email, ApiKey.created_at, ApiKey.id)
         )
     )

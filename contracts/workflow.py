@@ -66,7 +66,7 @@ from pyhanko.sign.validation import validate_pdf_signature
 from pyhanko.sign.validation.errors import SignatureValidationError
 from pyhanko.sign.validation.status import SignatureCoverageLevel
 from pyhanko_certvalidator import ValidationContext
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from keys import KoinError, Role, atomic_write
@@ -85,6 +85,7 @@ from signer import (
 
 from . import _contract_mails as mails
 from ._db import aware_utc, rowcount, session_scope, utcnow
+from .accounts import User, UserRole
 from .audit import EventData, append_event, chain_head
 from .documents import record_signed_document
 from .errors import (
@@ -131,6 +132,7 @@ __all__ = [
     "PartyAnswer",
     "PartySession",
     "PartySpec",
+    "add_party",
     "cancel_contract",
     "complete_contract",
     "consent",
@@ -138,19 +140,23 @@ __all__ = [
     "create_contract",
     "decline",
     "get_contract",
+    "list_contracts",
     "list_events",
     "list_parties",
     "new_access_code",
+    "officer_contract",
     "open_download",
     "open_link",
     "open_signed_copy",
     "party_answer",
+    "party_counts",
     "require_contract",
     "resend_invitations",
     "resume_link",
     "run_due",
     "send_contract",
     "verify_code",
+    "visible_to",
 ]
 
 log = logging.getLogger(__name__)
@@ -472,6 +478,61 @@ def require_contract(session: Session, public_id: str) -> Contract:
     return contract
 
 
+def visible_to(user: User) -> list[ColumnElement[bool]]:
+    """The conditions of the contracts ``user`` may see: an officer their own, an
+    administrator every contract."""
+    return [] if UserRole.ADMIN in user.roles else [Contract.created_by == user.id]
+
+
+def officer_contract(session: Session, public_id: str, user: User) -> Contract:
+    """The contract with this public ID, if ``user`` may see it (see :func:`visible_to`).
+
+    :raises ContractNotFound: no such contract, or another officer's (the same answer, so
+        that nobody learns which IDs exist).
+    """
+    contract = get_contract(session, public_id)
+    if contract is None or not (
+        contract.created_by == user.id or UserRole.ADMIN in user.roles
+    ):
+        raise ContractNotFound(public_id[:40])
+    return contract
+
+
+def list_contracts(
+    session: Session,
+    user: User,
+    *,
+    status: ContractStatus | str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[Contract]:
+    """The contracts ``user`` may see (see :func:`visible_to`), newest first.
+
+    :raises InvalidContractData: ``status`` is not a contract status (field ``status``).
+    """
+    query = select(Contract).where(*visible_to(user))
+    if status is not None:
+        query = query.where(Contract.status == _choice(ContractStatus, status, "status").value)
+    query = query.order_by(Contract.created_at.desc(), Contract.id.desc())
+    return list(session.scalars(query.offset(max(0, offset)).limit(max(0, limit))))
+
+
+def party_counts(session: Session, contract_ids: Collection[int]) -> dict[int, tuple[int, int]]:
+    """``(parties, consented)`` per contract row id (contracts without parties are left out)."""
+    if not contract_ids:
+        return {}
+    rows = session.execute(
+        select(
+            Party.contract_id,
+            func.count(),
+            func.sum(case((Party.status == PartyStatus.CONSENTED.value, 1), else_=0)),
+        )
+        .where(Party.contract_id.in_(list(contract_ids)))
+        .group_by(Party.contract_id)
+    )
+    return {int(cid): (int(total), int(agreed or 0)) for cid, total, agreed in rows}
+
+
 def list_parties(session: Session, contract: Contract) -> list[Party]:
     """The parties of ``contract`` in order, freshly read."""
     return list(
@@ -658,65 +719,96 @@ def _invite(
 # -- creating and sending -----------------------------------------------------------------------
 
 
-def _checked_parties(parties: Sequence[PartySpec]) -> list[dict[str, Any]]:
-    if not MIN_PARTIES <= len(parties) <= MAX_PARTIES:
+def _checked_party(spec: PartySpec) -> dict[str, Any]:
+    """One party's columns from what the officer entered (the access code hashed).
+
+    :raises InvalidContractData: unusable role, identification, email, code or name.
+    """
+    role = _choice(PartyRole, spec.role, "role")
+    method = _choice(Identification, spec.identification, "identification")
+    email = _email(spec.email)
+    code_hash = None
+    if method is Identification.ACCESS_CODE:
+        code = _normalize_code(spec.access_code or "")
+        if not (
+            MIN_ACCESS_CODE_LENGTH <= len(code) <= MAX_ACCESS_CODE_LENGTH
+            and code.isascii()
+            and code.isalnum()
+        ):
+            raise InvalidContractData(
+                "access_code",
+                f"アクセスコードは英数字 {MIN_ACCESS_CODE_LENGTH}〜{MAX_ACCESS_CODE_LENGTH} "
+                "文字にしてください。",
+                f"An access code must be {MIN_ACCESS_CODE_LENGTH} to "
+                f"{MAX_ACCESS_CODE_LENGTH} letters or digits.",
+            )
+        code_hash = _hash_secret(code)
+    elif spec.access_code:
+        raise InvalidContractData(
+            "access_code",
+            "メール認証の当事者にはアクセスコードを指定しません。",
+            "An access code is only for parties identified by access code.",
+        )
+    return {
+        "name": _text("name", spec.name, 200),
+        "organisation": _text("organisation", spec.organisation, 200, required=False),
+        "email": email,
+        "role": role.value,
+        "identification": method.value,
+        "access_code_hash": code_hash,
+    }
+
+
+def _duplicate_email(email: str) -> InvalidContractData:
+    return InvalidContractData(
+        "email",
+        f"メールアドレス {email} が複数の当事者に指定されています。",
+        f"The email address {email} is given for more than one party.",
+    )
+
+
+def _check_count(count: int) -> None:
+    """:raises InvalidContractData: (field ``parties``) fewer than 2 or more than 20."""
+    if not MIN_PARTIES <= count <= MAX_PARTIES:
         raise InvalidContractData(
             "parties",
             f"当事者は {MIN_PARTIES} 〜 {MAX_PARTIES} 名にしてください。",
-            f"A contract needs {MIN_PARTIES} to {MAX_PARTIES} parties, got {len(parties)}.",
+            f"A contract needs {MIN_PARTIES} to {MAX_PARTIES} parties, got {count}.",
         )
-    checked: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for spec in parties:
-        role = _choice(PartyRole, spec.role, "role")
-        method = _choice(Identification, spec.identification, "identification")
-        email = _email(spec.email)
-        if email.casefold() in seen:
-            raise InvalidContractData(
-                "email",
-                f"メールアドレス {email} が複数の当事者に指定されています。",
-                f"The email address {email} is given for more than one party.",
-            )
-        seen.add(email.casefold())
-        code_hash = None
-        if method is Identification.ACCESS_CODE:
-            code = _normalize_code(spec.access_code or "")
-            if not (
-                MIN_ACCESS_CODE_LENGTH <= len(code) <= MAX_ACCESS_CODE_LENGTH
-                and code.isascii()
-                and code.isalnum()
-            ):
-                raise InvalidContractData(
-                    "access_code",
-                    f"アクセスコードは英数字 {MIN_ACCESS_CODE_LENGTH}〜{MAX_ACCESS_CODE_LENGTH} "
-                    "文字にしてください。",
-                    f"An access code must be {MIN_ACCESS_CODE_LENGTH} to "
-                    f"{MAX_ACCESS_CODE_LENGTH} letters or digits.",
-                )
-            code_hash = _hash_secret(code)
-        elif spec.access_code:
-            raise InvalidContractData(
-                "access_code",
-                "メール認証の当事者にはアクセスコードを指定しません。",
-                "An access code is only for parties identified by access code.",
-            )
-        checked.append(
-            {
-                "name": _text("name", spec.name, 200),
-                "organisation": _text("organisation", spec.organisation, 200, required=False),
-                "email": email,
-                "role": role.value,
-                "identification": method.value,
-                "access_code_hash": code_hash,
-            }
-        )
-    roles = {item["role"] for item in checked}
-    if roles != {PartyRole.PREFECTURE.value, PartyRole.CONTRACTOR.value}:
+
+
+def _check_sides(roles: Collection[str]) -> None:
+    """:raises InvalidContractData: (field ``parties``) not both the prefecture and a
+    contractor."""
+    if set(roles) != {PartyRole.PREFECTURE.value, PartyRole.CONTRACTOR.value}:
         raise InvalidContractData(
             "parties",
             "当事者には茨城県側と契約相手方の両方が必要です。",
             "A contract needs at least one prefecture party and one contractor.",
         )
+
+
+def _checked_parties(
+    parties: Sequence[PartySpec], *, complete: bool = True
+) -> list[dict[str, Any]]:
+    """The parties' columns. ``complete=False`` (a draft still being put together) allows 0
+    to 20 parties of any sides; :func:`send_contract` checks them in full.
+
+    :raises InvalidContractData: as :func:`_checked_party`; a repeated email address; and
+        with ``complete``, too few or too many parties or not both sides.
+    """
+    if complete or len(parties) > MAX_PARTIES:
+        _check_count(len(parties))
+    checked: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for spec in parties:
+        item = _checked_party(spec)
+        if item["email"].casefold() in seen:
+            raise _duplicate_email(item["email"])
+        seen.add(item["email"].casefold())
+        checked.append(item)
+    if complete:
+        _check_sides({item["role"] for item in checked})
     return checked
 
 
@@ -731,10 +823,14 @@ def create_contract(
     order: SigningOrder | str = SigningOrder.PARALLEL,
     expires_in: dt.timedelta = DEFAULT_EXPIRY,
     reminder_interval_days: int = 3,
+    allow_incomplete: bool = False,
     now: dt.datetime | None = None,
 ) -> Contract:
     """Create a draft contract: store the PDF as ``KOIN_HOME/contracts/<public id>/original.pdf``
     (atomically) and record the contract, its parties and the ``created`` event.
+
+    With ``allow_incomplete`` the parties may still be incomplete (none, one, or only one side;
+    at most 20): :func:`add_party` adds the others and :func:`send_contract` checks them.
 
     :raises InvalidContractData: unusable title, parties, codes, expiry or reminder interval,
         or an unknown officer.
@@ -759,7 +855,7 @@ def create_contract(
             f"督促の間隔は 0〜{MAX_REMINDER_INTERVAL_DAYS} 日にしてください。",
             f"The reminder interval must be 0 to {MAX_REMINDER_INTERVAL_DAYS} days.",
         )
-    specs = _checked_parties(parties)
+    specs = _checked_parties(parties, complete=not allow_incomplete)
     if len(pdf) > MAX_PDF_BYTES:
         raise InvalidContractData(
             "pdf",
@@ -819,14 +915,52 @@ def create_contract(
     return contract
 
 
+def add_party(
+    session: Session, contract: Contract, spec: PartySpec, *, now: dt.datetime | None = None
+) -> Party:
+    """Add a party to a draft, after the others (its place in a sequential order). Nothing is
+    mailed until :func:`send_contract`, whose ``sent`` event records the parties as sent.
+
+    :raises InvalidContractState: the contract is not a draft.
+    :raises InvalidContractData: the party is unusable (as in :func:`create_contract`), its
+        email address is another party's (field ``email``), or the contract already has 20
+        parties (field ``parties``).
+    """
+    moment = aware_utc(now)
+    contract = _lock(session, contract.id)
+    if contract.contract_status is not ContractStatus.DRAFT:
+        raise _state_error(contract, "add_party")
+    parties = list_parties(session, contract)
+    if len(parties) >= MAX_PARTIES:
+        _check_count(len(parties) + 1)
+    item = _checked_party(spec)
+    if any(p.email.casefold() == item["email"].casefold() for p in parties):
+        raise _duplicate_email(item["email"])
+    position = max((p.position for p in parties), default=0) + 1
+    party = Party(contract_id=contract.id, position=position, **item)
+    session.add(party)
+    session.flush()
+    log.info("contract %s: party %s added at %s", contract.public_id, position, _iso(moment))
+    return party
+
+
+def _party_record(party: Party) -> dict[str, Any]:
+    return {
+        "position": party.position, "name": party.name, "organisation": party.organisation,
+        "email": party.email, "role": party.role, "identification": party.identification,
+    }
+
+
 def send_contract(
     session: Session, contract: Contract, *, public_url: str, now: dt.datetime | None = None
 ) -> None:
     """Send a draft: ``draft`` → ``sent``; one link and invitation mail per party (sequential
-    contracts: only the first party now, each next one when the previous consents).
+    contracts: only the first party now, each next one when the previous consents). The
+    ``sent`` event records the parties as sent.
 
     :raises InvalidContractState: the contract is not a draft.
-    :raises InvalidContractData: its deadline has already passed.
+    :raises InvalidContractData: its deadline has already passed (field ``expires_at``), or
+        its parties are not 2 to 20 with both sides (field ``parties``).
     """
     moment = aware_utc(now)
     base = _public_url(public_url)
@@ -839,13 +973,16 @@ def send_contract(
             "回答期限が過ぎているため送付できません。契約を作り直してください。",
             "The deadline has passed; create the contract again.",
         )
+    parties = list_parties(session, contract)
+    _check_count(len(parties))
+    _check_sides({party.role for party in parties})
     contract.status = ContractStatus.SENT.value
     contract.sent_at = moment
     append_event(
         session, contract, EventKind.SENT, time=moment,
-        document_sha256=contract.original_sha256, details={"public_url": base},
+        document_sha256=contract.original_sha256,
+        details={"public_url": base, "parties": [_party_record(p) for p in parties]},
     )
-    parties = list_parties(session, contract)
     for party in _awaiting(contract, parties):
         _invite(session, contract, party, base, moment)
 

@@ -62,6 +62,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from . import (
         api,
         api_batches,
+        api_contracts,
+        apikey_views,
         auth,
         contract_views,
         i18n,
@@ -79,6 +81,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # side-effect free) and the RFC 3161 TSA endpoint (machine-to-machine, no cookies).
     auth.csrf.exempt(api.bp)
     auth.csrf.exempt(api_batches.bp)
+    auth.csrf.exempt(api_contracts.bp)  # API keys, no cookies
     auth.csrf.exempt(verify_views.bp)
     auth.csrf.exempt(pki.tsa)
     app.register_blueprint(auth.bp)
@@ -89,6 +92,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(template_views.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api_batches.bp)
+    app.register_blueprint(api_contracts.bp)
+    app.register_blueprint(apikey_views.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from contracts import SigningChannel, get_template, session_scope, sign_and_record
 from contracts import sign_options as template_sign_options
@@ -260,4 +260,9 @@ def _http_error(exc: HTTPException) -> tuple[Response, int] | HTTPException:
         return exc
     code = exc.code or 500
     text = exc.description or exc.name or ""
-    return api_error(code, (exc.name or "error").lower().replace(" ", "_"), text, text)
+    response, status = api_error(
+        code, (exc.name or "error").lower().replace(" ", "_"), text, text
+    )
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)  # required with 405 (RFC 9110)
+    return response, status

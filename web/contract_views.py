@@ -30,9 +30,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from asn1crypto import cms
 from cryptography.fernet import Fernet, InvalidToken
 from flask import (
     Blueprint,
@@ -53,7 +51,6 @@ from werkzeug.wrappers import Response
 
 from contracts import (
     AuditEvent,
-    ChainCheck,
     Contract,
     ContractNotFound,
     ContractStatus,
@@ -70,21 +67,21 @@ from contracts import (
     cancel_contract,
     contract_file,
     create_contract,
-    get_contract,
     list_events,
     list_parties,
     new_access_code,
+    officer_contract,
     resend_invitations,
     send_contract,
     session_scope,
     verify_chain,
 )
-from contracts.audit import canonical_event_json
 from contracts.workflow import MAX_PARTIES
 from keys import KoinError
 from signer import SigningError
 
 from . import services
+from ._contract_json import audit_document, timestamp_time
 from .auth import current_user, login_required
 from .errors import page_error
 
@@ -130,10 +127,7 @@ def _owned(db: Session, public_id: str, user: User) -> Contract:
 
     :raises ContractNotFound: no such contract, or another officer's (the same answer).
     """
-    contract = get_contract(db, public_id)
-    if contract is None or not (contract.created_by == user.id or _sees_all(user)):
-        raise ContractNotFound(public_id[:40])
-    return contract
+    return officer_contract(db, public_id, user)
 
 
 @bp.errorhandler(ContractNotFound)
@@ -471,18 +465,6 @@ def _take_codes(public_id: str) -> dict[int, str]:
 # -- the detail page ----------------------------------------------------------------------------
 
 
-def _timestamp_time(token: bytes | None) -> dt.datetime | None:
-    """``genTime`` of an RFC 3161 token, or None if there is none or it is unreadable."""
-    if not token:
-        return None
-    try:
-        info = cms.ContentInfo.load(token)["content"]["encap_content_info"]["content"].parsed
-        moment = info["gen_time"].native
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None
-    return moment if isinstance(moment, dt.datetime) else None
-
-
 def _detail_page(
     public_id: str,
     *,
@@ -511,7 +493,7 @@ def _detail_page(
         events=events,
         party_by_id=by_id,
         check=check,
-        chain_timestamp=_timestamp_time(contract.chain_head_timestamp),
+        chain_timestamp=timestamp_time(contract.chain_head_timestamp),
         codes=shown_codes,
         error=_text(error.message, error.message_en) if error is not None else None,
         can_send=contract.contract_status is ContractStatus.DRAFT,
@@ -690,39 +672,6 @@ def final_pdf(public_id: str) -> Response | tuple[str, int]:
     )
 
 
-def _utc_text(moment: dt.datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _event_json(event: AuditEvent, public_id: str) -> dict[str, Any]:
-    """The event's hashed fields exactly as they were hashed, plus its ``sha256``."""
-    try:
-        hashed: dict[str, Any] = json.loads(canonical_event_json(event, public_id))
-    except (TypeError, ValueError):  # a row changed behind our back: show it as it is
-        hashed = {
-            "contract": public_id, "seq": event.seq, "kind": event.kind,
-            "time": _utc_text(event.time), "party": event.party_id, "ip": event.ip,
-            "user_agent": event.user_agent, "email": event.email,
-            "identification": event.identification, "document_sha256": event.document_sha256,
-            "details": repr(event.details), "prev_sha256": event.prev_sha256,
-        }
-    hashed["sha256"] = event.sha256
-    return hashed
-
-
-def _check_json(check: ChainCheck) -> dict[str, Any]:
-    return {
-        "ok": check.ok,
-        "events": check.events,
-        "head_sha256": check.head_sha256,
-        "broken_seq": check.broken_seq,
-        "reason": check.reason,
-        "reason_ja": check.reason_ja,
-    }
-
-
 @bp.get("/<public_id>/audit.json")
 @login_required(UserRole.OFFICER)
 def audit_json(public_id: str) -> Response:
@@ -734,47 +683,7 @@ def audit_json(public_id: str) -> Response:
     """
     with services.session_factory()() as db:
         contract = _owned(db, public_id, _user())
-        parties = list_parties(db, contract)
-        events = list_events(db, contract)
-        check = verify_chain(db, contract)
-    token = contract.chain_head_timestamp
-    body = {
-        "contract": {
-            "public_id": contract.public_id,
-            "document_id": contract.document_id,
-            "title": contract.title,
-            "status": contract.status,
-            "signing_order": contract.signing_order,
-            "original_sha256": contract.original_sha256,
-            "final_sha256": contract.final_sha256,
-            "created_at": _utc_text(contract.created_at),
-            "sent_at": _utc_text(contract.sent_at),
-            "expires_at": _utc_text(contract.expires_at),
-            "completed_at": _utc_text(contract.completed_at),
-        },
-        "parties": [
-            {
-                "id": party.id, "position": party.position, "name": party.name,
-                "organisation": party.organisation, "email": party.email, "role": party.role,
-                "identification": party.identification, "status": party.status,
-                "acted_at": _utc_text(party.acted_at), "locked": party.locked,
-            }
-            for party in parties
-        ],
-        "hashing": {
-            "algorithm": "sha256",
-            "input": "canonical JSON of each event without 'sha256': keys sorted, UTF-8, "
-            "separators ',' and ':', times ISO 8601 UTC with microseconds",
-            "genesis_prev_sha256": "0" * 64,
-        },
-        "events": [_event_json(event, contract.public_id) for event in events],
-        "chain_check": _check_json(check),
-        "chain_head": {
-            "sha256": contract.chain_head_sha256,
-            "timestamp_token_base64": base64.b64encode(token).decode("ascii") if token else None,
-            "timestamp_time": _utc_text(_timestamp_time(token)),
-        },
-    }
+        body = audit_document(db, contract)
     text = json.dumps(body, ensure_ascii=False, indent=2)
     return Response(
         text + "\n",

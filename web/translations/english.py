@@ -386,6 +386,58 @@ ENGLISH = {
     "印影の位置を確認する": "Preview the stamp",
     "印影を押したページ": "The page with the stamp",
     "県の見本": "prefecture's sample",
+    # API key pages (web/apikey_views.py, apikeys.html)
+    "文書への署名(POST /api/v1/sign)": "sign documents (POST /api/v1/sign)",
+    "電子契約の作成・送付(/api/v1/contracts)": "create and send contracts (/api/v1/contracts)",
+    "署名の検証(/api/v1/verify)": "verify signatures (/api/v1/verify)",
+    "API キーの管理(全職員)": "API keys of all staff",
+    "API キー": "API keys",
+    "自分の API キー": "My API keys",
+    "全職員の API キー": "API keys of all staff",
+    (
+        "API キーを使うと、ほかのシステムから koin の REST API を呼び出せます。"
+        "キーはパスワードと同じように扱い、人に渡したりメールで送ったりしないでください。"
+    ): (
+        "With an API key, other systems can call koin's REST API. Treat a key like a password: "
+        "do not hand it to people or send it by email."
+    ),
+    "新しい API キー(この画面でのみ表示)": "New API key (shown on this page only)",
+    "このキーは今だけ表示されます。": "This key is shown only now.",
+    (
+        "今すぐコピーして、呼び出すシステムの安全な場所(環境変数や秘密情報の保管庫など)に"
+        "保存してください。koin にはキーのハッシュ値しか残らないため、この画面を離れると"
+        "二度と表示できません。なくしたときは失効させて、新しいキーを作ってください。"
+    ): (
+        "Copy it now and store it in a safe place of the calling system (an environment "
+        "variable or a secrets store). koin keeps only the key's hash, so it cannot be shown "
+        "again once you leave this page. If you lose it, revoke it and create a new one."
+    ),
+    "新しい API キー": "New API key",
+    "コピーしました": "Copied",
+    "コピー": "Copy",
+    "使い方: HTTP ヘッダー Authorization: Bearer <キー> を付けて呼び出します。": (
+        "Usage: send the HTTP header Authorization: Bearer <key>."
+    ),
+    "発行済みの API キー": "Issued API keys",
+    "職員": "Staff member",
+    "名前": "Name",
+    "キー": "Key",
+    "スコープ": "Scopes",
+    "最終使用": "Last used",
+    "未使用": "Never",
+    "失効": "Revoked",
+    "失効させる": "Revoke",
+    "この API キーを失効させます": "Revoke this API key",
+    "API キーはまだありません。": "No API keys yet.",
+    "新しい API キーを作る": "Create an API key",
+    "発行先の職員": "Issue to",
+    "選んでください": "Choose",
+    "名前(呼び出すシステムの名前など)": "Name (e.g. the calling system's)",
+    "例: 文書管理システム": "e.g. document management system",
+    "スコープ(このキーでできること)": "Scopes (what the key may do)",
+    "役割 %(role)s が必要": "needs the role %(role)s",
+    "API キーを作る": "Create API key",
+    "あなたの役割では作れる API キーがありません。": "Your roles allow no API key.",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
