@@ -12,7 +12,6 @@ import argparse
 import cProfile
 import io
 import json
-import multiprocessing
 import os
 import platform
 import pstats
@@ -201,57 +200,27 @@ def api_figure(home: Path, args: argparse.Namespace) -> Figure:
 
 
 def batch_figure(home: Path, args: argparse.Namespace) -> Figure:
-    from sqlalchemy import select
-
-    import contracts
-    from contracts import session_scope
-    from contracts.accounts import User
-    from contracts.batches import Batch, add_document, batch_progress, create_batch, start_batch
-    from signer.samples import make_permit_pdf
+    from bench._e2e import run_end_to_end
+    from signer.samples import make_permit_pdf, numbered_copies
 
     count = args.batch_docs
+    name = f"{count:,}-permit batch end to end (API → Celery workers → archive) on 2 cores"
     if count <= 0:
-        return Figure(
-            "10,000-permit batch end to end on 2 cores", "s", None, None, "≤ 75 s", None,
-            "not measured: --batch-docs 0",
-        )
-    url = contracts.database_url(home)
-    engine = contracts.make_engine(url)
-    sessions = contracts.make_session_factory(engine)
-    pdf = make_permit_pdf(home / "assets" / "NotoSansCJKjp-Regular.otf")
-    with session_scope(sessions) as session:
-        user_id = session.scalars(select(User.id)).first()
-        assert user_id is not None
-    start = time.perf_counter()
-    with session_scope(sessions) as session:
-        batch = create_batch(session, home=home, user_id=user_id)
-        for number in range(count):
-            add_document(session, batch, home=home, file_name=f"permit-{number:05d}.pdf", data=pdf)
-        start_batch(session, batch)
-        public_id = batch.public_id
-    stored = time.perf_counter() - start
-    from bench._batch import run_worker
-
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=run_worker, args=(str(home), url, PASSPHRASE)) for _ in range(2)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    elapsed = time.perf_counter() - start
-    with session_scope(sessions) as session:
-        batch = session.scalars(select(Batch).where(Batch.public_id == public_id)).one()
-        progress = batch_progress(session, batch)
-    engine.dispose()
-    done = progress.done
-    name = f"{count:,}-permit batch end to end on 2 cores"
+        return Figure(name, "s", None, None, "≤ 75 s", None, "not measured: --batch-docs 0")
+    permit = make_permit_pdf(home / "assets" / "NotoSansCJKjp-Regular.otf")
+    pdfs = list(numbered_copies(permit, count))
+    result = run_end_to_end(
+        home, pdfs, postgres_url=args.postgres_url, redis_url=args.redis_url,
+        passphrase=PASSPHRASE,
+    )
+    complete = result.signed == count and result.in_archive == count
     return Figure(
-        name, "s", None, elapsed, "≤ 75 s (10,000)", elapsed <= 75 if count == 10000 else None,
-        f"{done:,} of {count:,} signed; storing the inputs took {stored:.1f} s; "
-        "contracts.batches service calls → 2 BatchWorker processes (1 thread each, SQLite) → "
-        "output files + records (the batch HTTP API is not on this branch; no Celery)",
+        name, "s", None, result.seconds, "≤ 75 s (10,000)",
+        (result.seconds <= 75 and complete) if count == 10000 else None,
+        f"{result.signed:,} of {count:,} signed, {result.failed} failed, {result.in_archive:,} "
+        f"in the archive ({result.archive_mib:,.0f} MiB); upload {result.upload_seconds:.1f} s, "
+        f"signing {result.signing_seconds:.1f} s, archive {result.archive_seconds:.1f} s; "
+        "koin serve (HTTP) → Redis → koin worker (Celery, 2 processes) → PostgreSQL",
     )
 
 
@@ -350,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-docs", type=int, default=8, help="raw pyHanko signatures")
     parser.add_argument("--api-requests", type=int, default=200)
     parser.add_argument("--batch-docs", type=int, default=10000, help="0 skips the batch")
+    parser.add_argument("--postgres-url", default=os.environ.get(
+        "KOIN_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--redis-url", default=os.environ.get(
+        "KOIN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--only", choices=["sign", "verify", "api", "batch", "rss"],
+                        action="append", help="run only these figures (repeatable)")
     parser.add_argument("--big-mib", type=int, default=1024, help="0 skips the large file")
     parser.add_argument("--profile", action="store_true", help="write bench/profiles/*.txt")
     parser.add_argument("--output", type=Path, default=HERE / "results.json")
@@ -365,14 +340,16 @@ def main(argv: list[str] | None = None) -> int:
         installation = _installation(home)
         raw = RawPyHanko(home, PASSPHRASE.encode())
         figures: list[Figure] = []
-        steps: list[Callable[[], Any]] = [
-            lambda: figures.extend(sign_figures(installation, raw, args)),
-            lambda: figures.append(verify_figure(installation, raw, args)),
-            lambda: figures.append(api_figure(home, args)),
-            lambda: figures.append(batch_figure(home, args)),
-            lambda: figures.append(rss_figure(work, args)),
-        ]
-        for step in steps:
+        steps: dict[str, Callable[[], Any]] = {
+            "sign": lambda: figures.extend(sign_figures(installation, raw, args)),
+            "verify": lambda: figures.append(verify_figure(installation, raw, args)),
+            "api": lambda: figures.append(api_figure(home, args)),
+            "batch": lambda: figures.append(batch_figure(home, args)),
+            "rss": lambda: figures.append(rss_figure(work, args)),
+        }
+        for key, step in steps.items():
+            if args.only and key not in args.only:
+                continue
             step()
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
             print(f"… {figures[-1].name} (bench peak RSS {peak} MiB)", file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._db import aware_utc, session_scope
+from .batches import DEFAULT_CHUNK as DEFAULT_BATCH_CHUNK
 from .batches import Batch, BatchDocument, BatchStatus, DocumentState, reconcile
 
 if TYPE_CHECKING:
@@ -42,9 +43,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Documents per queued task: large enough to keep the broker's per-message cost small,
-#: small enough that two worker processes share a batch evenly.
-DEFAULT_CHUNK = 10
+#: Documents per queued task: large enough to keep the broker's and the database's per-task
+#: cost small, small enough that two worker processes share a batch evenly.
+DEFAULT_CHUNK = DEFAULT_BATCH_CHUNK
 #: A document still waiting this long after it was queued is queued again (when the queue is
 #: empty): its message was lost, or the worker holding it died.
 DEFAULT_REQUEUE_AFTER = dt.timedelta(minutes=2)

@@ -42,7 +42,6 @@ import os
 import re
 import secrets
 import socket
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -65,7 +64,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
-from keys import KoinError, Role, atomic_write
+from keys import KoinError, Role
 from signer import (
     Installation,
     InvalidPdfError,
@@ -78,8 +77,10 @@ from signer import (
     sign_pdf,
     verify_pdf,
 )
+from timestamp import TimestampError
 
 from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcnow
+from ._durable import stage_file, sync_filesystem
 from ._periodic import PeriodicWorker
 from .accounts import User, UserRole, has_role
 from .documents import get_document, record_signed_document
@@ -99,6 +100,7 @@ __all__ = [
     "DocumentState",
     "Progress",
     "add_document",
+    "add_documents",
     "batch_of_user",
     "get_batch_document",
     "list_batches",
@@ -114,6 +116,7 @@ __all__ = [
     "require_batch",
     "retry_failed",
     "sign_document",
+    "sign_documents",
     "start_batch",
 ]
 
@@ -128,6 +131,8 @@ MAX_BATCH_NAME = 200
 MAX_ERROR = 1000
 #: Seconds between two rounds of :class:`BatchWorker` when there is nothing to do.
 DEFAULT_BATCH_INTERVAL = 5.0
+#: Documents one thread or task signs together (one transaction, one filesystem sync).
+DEFAULT_CHUNK = 10
 
 _UNSAFE_NAME = re.compile(r"[^\w.\-]+")
 
@@ -401,49 +406,82 @@ def _lock_batch(session: Session, batch: Batch) -> Batch:
     return locked
 
 
-def add_document(
-    session: Session, batch: Batch, *, home: Path, file_name: str, data: bytes
-) -> BatchDocument:
-    """Store ``data`` (atomically, at ``batches/<public id>/in/<position>.pdf``) and add it to
-    the draft ``batch`` in the session's transaction (the caller commits). The file is not
-    checked here: a file that is not a usable PDF fails alone when it is signed.
-
-    :raises InvalidBatchState: the batch is no longer a draft.
-    :raises InvalidBatchData: empty or over-long file name, empty or too large file.
-    """
-    name = _checked_file_name(file_name)
+def _checked_data(data: bytes) -> bytes:
     if not data or len(data) > MAX_INPUT_BYTES:
         raise InvalidBatchData(
             "data",
             f"ファイルが空か、大きすぎます({MAX_INPUT_BYTES // 2**20} MiB まで)。",
             f"The file is empty or too large (at most {MAX_INPUT_BYTES // 2**20} MiB).",
         )
+    return data
+
+
+def add_documents(
+    session: Session, batch: Batch, *, home: Path, files: Sequence[tuple[str, bytes]]
+) -> list[BatchDocument]:
+    """Store the ``(file name, data)`` of ``files`` at ``batches/<public id>/in/<position>.pdf``
+    and add them to the draft ``batch`` in upload order, in the session's transaction (the
+    caller commits). The files are written under temporary names, made durable with one
+    filesystem sync for all of them, and then given their names. They are not checked here:
+    a file that is not a usable PDF fails alone when it is signed.
+
+    :raises InvalidBatchState: the batch is no longer a draft.
+    :raises InvalidBatchData: an empty or over-long file name, an empty or too large file
+        (nothing of ``files`` is added then).
+    """
+    checked = [(_checked_file_name(name), _checked_data(data)) for name, data in files]
+    if not checked:
+        return []
     batch = _lock_batch(session, batch)
     if batch.status != BatchStatus.DRAFT:
         raise _state_error(batch, "add")
     last = session.scalar(
         select(func.max(BatchDocument.position)).where(BatchDocument.batch_id == batch.id)
-    )
-    position = (last or 0) + 1
-    relative = f"batches/{batch.public_id}/in/{position}.pdf"
-    path = _home_file(home, relative)
-    atomic_write(path, data, mode=0o640)
+    ) or 0
+    folder = _home_file(home, f"batches/{batch.public_id}/in")
+    written: list[Path] = []
+    staged: list[Path] = []
     try:
-        document = BatchDocument(
-            batch_id=batch.id,
-            position=position,
-            file_name=name,
-            input_path=relative,
-            input_sha256=_sha256(data),
-            state=DocumentState.WAITING.value,
-            attempts=0,
-            updated_at=utcnow(),
-        )
-        session.add(document)
+        staged = [stage_file(folder, f"{last + i}.pdf", data) for i, (_, data) in
+                  enumerate(checked, start=1)]
+        sync_filesystem(folder)
+        for position, temporary in enumerate(staged, start=last + 1):
+            path = folder / f"{position}.pdf"
+            os.replace(temporary, path)
+            written.append(path)
+        sync_filesystem(folder)
+        moment = utcnow()
+        documents = [
+            BatchDocument(
+                batch_id=batch.id,
+                position=position,
+                file_name=name,
+                input_path=f"batches/{batch.public_id}/in/{position}.pdf",
+                input_sha256=_sha256(data),
+                state=DocumentState.WAITING.value,
+                attempts=0,
+                updated_at=moment,
+            )
+            for position, (name, data) in enumerate(checked, start=last + 1)
+        ]
+        session.add_all(documents)
         session.flush()
     except BaseException:
-        path.unlink(missing_ok=True)
+        for path in [*staged, *written]:
+            path.unlink(missing_ok=True)
         raise
+    return documents
+
+
+def add_document(
+    session: Session, batch: Batch, *, home: Path, file_name: str, data: bytes
+) -> BatchDocument:
+    """Add one file to the draft ``batch`` (see :func:`add_documents`).
+
+    :raises InvalidBatchState: the batch is no longer a draft.
+    :raises InvalidBatchData: empty or over-long file name, empty or too large file.
+    """
+    [document] = add_documents(session, batch, home=home, files=[(file_name, data)])
     return document
 
 
@@ -664,10 +702,6 @@ def reconcile(sessions: sessionmaker[Session], *, now: dt.datetime | None = None
     return count
 
 
-class _LeaseLost(Exception):
-    """The row is no longer ours (lease expired and taken over, or reset)."""
-
-
 class _OutputUnusable(KoinError):
     """An output file exists but is not a signature of this document's input by us."""
 
@@ -691,57 +725,76 @@ class _Job:
     template: str | None
 
 
-def _prepare(
+def _prepare_many(
     sessions: sessionmaker[Session],
-    row_id: int,
+    row_ids: Sequence[int],
     *,
     home: Path,
     owner: str,
     public_url: str | None,
     moment: dt.datetime,
-) -> _Job | DocumentState:
-    """Check the row is ours; reserve its document ID. The row's state if it is not ours."""
+) -> list[_Job]:
+    """The jobs of those rows of ``row_ids`` that ``owner`` holds, with their document IDs
+    reserved (in one transaction); rows that are not ours are left out.
+
+    :raises ValueError: one of the rows does not exist.
+    """
+    jobs: list[_Job] = []
     with session_scope(sessions) as session:
-        row = session.get(BatchDocument, row_id)
-        if row is None:
-            raise ValueError(f"no batch document {row_id}")
-        if row.state != DocumentState.RUNNING or row.lease_owner != owner:
-            return DocumentState(row.state)
-        batch = session.get_one(Batch, row.batch_id)
-        if row.document_id is None:
-            reserved = new_document_id()
-            result = session.execute(
-                update(BatchDocument)
-                .where(*_ours(row_id, owner), BatchDocument.document_id.is_(None))
-                .values(document_id=reserved, updated_at=moment),
-                execution_options={"synchronize_session": False},
+        rows = {
+            row.id: row
+            for row in session.scalars(
+                select(BatchDocument).where(BatchDocument.id.in_(list(row_ids)))
             )
-            if rowcount(result) != 1:
-                return DocumentState(row.state)
-            document_id = reserved
-        else:
+        }
+        missing = set(row_ids) - set(rows)
+        if missing:
+            raise ValueError(f"no batch documents {sorted(missing)}")
+        options_of: dict[int, tuple[Batch, SignOptions]] = {}
+        for row_id in row_ids:
+            row = rows[row_id]
+            if row.state != DocumentState.RUNNING or row.lease_owner != owner:
+                continue
+            if row.batch_id not in options_of:
+                batch = session.get_one(Batch, row.batch_id)
+                if batch.template is not None:
+                    template = require_template(session, batch.template, active=False)
+                    options = sign_options(template, public_url=public_url or "")
+                    if not public_url:
+                        options = replace(options, verify_base_url=None)
+                else:
+                    options = SignOptions(verify_base_url=public_url)
+                options_of[row.batch_id] = (batch, options)
+            batch, options = options_of[row.batch_id]
             document_id = row.document_id
-        if batch.template is not None:
-            template = require_template(session, batch.template, active=False)
-            options = sign_options(template, public_url=public_url or "")
-            if not public_url:
-                options = replace(options, verify_base_url=None)
-        else:
-            options = SignOptions(verify_base_url=public_url)
-        relative = output_relative(batch, row)
-        return _Job(
-            row_id=row.id,
-            batch_id=batch.id,
-            file_name=row.file_name,
-            input_path=_home_file(home, row.input_path),
-            input_sha256=row.input_sha256,
-            output_relative=relative,
-            output_path=_home_file(home, relative),
-            document_id=document_id,
-            options=replace(options, document_id=document_id),
-            created_by=batch.created_by,
-            template=batch.template,
-        )
+            if document_id is None:
+                reserved = new_document_id()
+                result = session.execute(
+                    update(BatchDocument)
+                    .where(*_ours(row_id, owner), BatchDocument.document_id.is_(None))
+                    .values(document_id=reserved, updated_at=moment),
+                    execution_options={"synchronize_session": False},
+                )
+                if rowcount(result) != 1:
+                    continue
+                document_id = reserved
+            relative = output_relative(batch, row)
+            jobs.append(
+                _Job(
+                    row_id=row.id,
+                    batch_id=batch.id,
+                    file_name=row.file_name,
+                    input_path=_home_file(home, row.input_path),
+                    input_sha256=row.input_sha256,
+                    output_relative=relative,
+                    output_path=_home_file(home, relative),
+                    document_id=document_id,
+                    options=replace(options, document_id=document_id),
+                    created_by=batch.created_by,
+                    template=batch.template,
+                )
+            )
+    return jobs
 
 
 def _ours(row_id: int, owner: str) -> tuple[Any, ...]:
@@ -766,24 +819,6 @@ def _read_input(job: _Job) -> bytes:
             "The uploaded file has changed since it was uploaded.",
         )
     return data
-
-
-def _create_exclusively(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` completely or not at all, never replacing an existing file.
-
-    :raises FileExistsError: ``path`` exists.
-    """
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o640)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.link(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -830,95 +865,220 @@ def _check_existing(job: _Job, source: bytes, data: bytes, context: SigningConte
 
 def _mark_done(
     sessions: sessionmaker[Session],
-    job: _Job,
-    signed: _Signed,
+    finished: Sequence[tuple[_Job, _Signed]],
     context: SigningContext,
     *,
     owner: str,
     moment: dt.datetime,
 ) -> None:
-    """Mark the row done and record the signed document, in one transaction.
+    """Mark the rows done and record the signed documents, in one transaction; a row that is
+    no longer ours is left alone and nothing is recorded for it (its new owner finds the
+    file and records it).
 
-    :raises _LeaseLost: the row is no longer ours (nothing is recorded).
-    :raises DuplicateDocument: the document ID is recorded for another file.
+    :raises DuplicateDocument: a document ID is recorded for another file.
     """
     certificate = context.signer.signing_cert
     subject = certificate.subject.human_friendly if certificate is not None else "?"
     with session_scope(sessions) as session:
-        result = session.execute(
-            update(BatchDocument)
-            .where(*_ours(job.row_id, owner))
-            .values(
-                state=DocumentState.DONE.value, output_path=job.output_relative,
-                output_sha256=signed.sha256, lease_owner=None, lease_until=None,
-                error=None, error_en=None, updated_at=moment,
-            ),
-            execution_options={"synchronize_session": False},
-        )
-        if rowcount(result) != 1:
-            raise _LeaseLost
-        known = get_document(session, job.document_id)
-        if known is None or known.sha256 != signed.sha256:
-            record_signed_document(
-                session,
-                document_id=job.document_id,
-                sha256=signed.sha256,
-                signer_role=Role.POSITION.value,
-                signer_subject=subject,
-                level=signed.level,
-                signed_at=signed.signed_at,
-                file_name=job.file_name[-255:],
-                signed_by=job.created_by,
-                template=job.template,
-                channel=SigningChannel.BATCH,
+        for job, signed in finished:
+            result = session.execute(
+                update(BatchDocument)
+                .where(*_ours(job.row_id, owner))
+                .values(
+                    state=DocumentState.DONE.value, output_path=job.output_relative,
+                    output_sha256=signed.sha256, lease_owner=None, lease_until=None,
+                    error=None, error_en=None, updated_at=moment,
+                ),
+                execution_options={"synchronize_session": False},
             )
+            if rowcount(result) != 1:
+                log.warning(
+                    "batch document %d: lease lost before it was marked done", job.row_id
+                )
+                continue
+            known = get_document(session, job.document_id)
+            if known is None or known.sha256 != signed.sha256:
+                record_signed_document(
+                    session,
+                    document_id=job.document_id,
+                    sha256=signed.sha256,
+                    signer_role=Role.POSITION.value,
+                    signer_subject=subject,
+                    level=signed.level,
+                    signed_at=signed.signed_at,
+                    file_name=job.file_name[-255:],
+                    signed_by=job.created_by,
+                    template=job.template,
+                    channel=SigningChannel.BATCH,
+                )
 
 
 def _release(
     sessions: sessionmaker[Session],
-    row_id: int,
+    failures: Sequence[tuple[int, KoinError | Exception, bool]],
     *,
     owner: str,
     moment: dt.datetime,
-    error: KoinError | Exception,
-    final: bool,
-) -> bool:
-    """Fail the row (``final``) or put it back to waiting with a back-off."""
-    if isinstance(error, KoinError):
-        message, message_en = error.message, error.message_en
-    else:
-        message = "一時的な障害のため署名できませんでした。自動で再試行します。"
-        message_en = f"{error.__class__.__name__}: {error}"
-    values: dict[str, Any] = {
-        "lease_owner": None, "error": message[:MAX_ERROR], "error_en": message_en[:MAX_ERROR],
-        "updated_at": moment,
-    }
+) -> None:
+    """Fail the rows whose error is final, put the others back to waiting with a back-off
+    (``(row id, error, final)`` each), in one transaction; rows no longer ours are left."""
+    if not failures:
+        return
     with session_scope(sessions) as session:
-        if final:
-            values.update(state=DocumentState.FAILED.value, lease_until=None)
-        else:
-            attempts = session.scalar(
-                select(BatchDocument.attempts).where(BatchDocument.id == row_id)
-            ) or 0
-            values.update(
-                state=DocumentState.WAITING.value,
-                attempts=BatchDocument.attempts + 1,
-                lease_until=moment + retry_delay(attempts + 1),
-                queued_at=None,  # queue it again once the back-off has passed
-            )
-        result = session.execute(
-            update(BatchDocument).where(*_ours(row_id, owner)).values(**values),
-            execution_options={"synchronize_session": False},
+        attempts_of = dict(
+            session.execute(
+                select(BatchDocument.id, BatchDocument.attempts).where(
+                    BatchDocument.id.in_([row_id for row_id, _, _ in failures])
+                )
+            ).all()
         )
-        return rowcount(result) == 1
+        for row_id, error, final in failures:
+            if isinstance(error, KoinError):
+                message, message_en = error.message, error.message_en
+            else:
+                message = "一時的な障害のため署名できませんでした。自動で再試行します。"
+                message_en = f"{error.__class__.__name__}: {error}"
+            values: dict[str, Any] = {
+                "lease_owner": None, "error": message[:MAX_ERROR],
+                "error_en": message_en[:MAX_ERROR], "updated_at": moment,
+            }
+            if final:
+                values.update(state=DocumentState.FAILED.value, lease_until=None)
+            else:
+                attempts = (attempts_of.get(row_id) or 0) + 1
+                values.update(
+                    state=DocumentState.WAITING.value,
+                    attempts=BatchDocument.attempts + 1,
+                    lease_until=moment + retry_delay(attempts),
+                    queued_at=None,  # queue it again once the back-off has passed
+                )
+            session.execute(
+                update(BatchDocument).where(*_ours(row_id, owner)).values(**values),
+                execution_options={"synchronize_session": False},
+            )
 
 
-def _current_state(sessions: sessionmaker[Session], row_id: int) -> DocumentState:
+def _states(sessions: sessionmaker[Session], row_ids: Sequence[int]) -> dict[int, DocumentState]:
     with sessions() as session:
-        state = session.scalars(
-            select(BatchDocument.state).where(BatchDocument.id == row_id)
-        ).one()
-    return DocumentState(state)
+        rows = session.execute(
+            select(BatchDocument.id, BatchDocument.state).where(
+                BatchDocument.id.in_(list(row_ids))
+            )
+        )
+        return {row_id: DocumentState(state) for row_id, state in rows}
+
+
+_FINAL_ERRORS = (InvalidPdfError, PlacementError, _InputUnusable, _OutputUnusable)
+
+
+def sign_documents(
+    sessions: sessionmaker[Session],
+    document_ids: Sequence[int],
+    context: SigningContext,
+    *,
+    home: Path,
+    owner: str,
+    public_url: str | None = None,
+    now: dt.datetime | None = None,
+) -> dict[int, DocumentState]:
+    """Sign the batch documents ``document_ids`` (row ids) that ``owner`` has claimed, record
+    them, and mark them done; the rows' states afterwards (unchanged for rows that are not
+    ``owner``'s). Idempotent: a done row is left alone, and a complete output file of an
+    earlier attempt that was never marked is verified and recorded instead of signing again.
+
+    The database work is done for all the documents together (one transaction to reserve
+    their document IDs, one to mark them done and record them, one for failures), and the
+    output files are made durable together: each is written under a temporary name, the
+    filesystem is synced once, the files get their final names (never replacing a file), and
+    it is synced once more before any row is marked done — so a final name never points at a
+    half-written file.
+
+    A file that is not a usable PDF (not a PDF, encrypted, broken, stamp does not fit) fails
+    its document with the signer's reason; any other error (TSA down, database hiccup, …)
+    puts it back to waiting with ``attempts`` + 1 and a back-off (:func:`retry_delay`); once
+    the TSA has failed, the rest of the documents go back to waiting without trying.
+
+    :param context: the position key's signing context, loaded once per process.
+    :param home: ``KOIN_HOME``, below which the batch's files live.
+    :param public_url: base of the verification URL for templates with a QR code.
+    :raises ValueError: one of the rows does not exist.
+    """
+    moment = aware_utc(now)
+    jobs = _prepare_many(
+        sessions, document_ids, home=home, owner=owner, public_url=public_url, moment=moment
+    )
+    finished: list[tuple[_Job, _Signed]] = []
+    staged: list[tuple[_Job, bytes, Path, _Signed]] = []
+    failures: list[tuple[int, KoinError | Exception, bool]] = []
+    tsa_down: Exception | None = None
+    for job in jobs:
+        if tsa_down is not None:
+            failures.append((job.row_id, tsa_down, False))
+            continue
+        try:
+            source = _read_input(job)
+            if job.output_path.exists():
+                finished.append(
+                    (job, _check_existing(job, source, job.output_path.read_bytes(), context))
+                )
+                continue
+            result = sign_pdf(source, context, job.options)
+            assert result.data is not None
+            temporary = stage_file(job.output_path.parent, job.output_path.name, result.data)
+            signed = _Signed(result.sha256, result.level, result.signed_at)
+            staged.append((job, source, temporary, signed))
+        except _FINAL_ERRORS as exc:
+            log.info("batch document %d failed: %s", job.row_id, exc.message_en)
+            failures.append((job.row_id, exc, True))
+        except TimestampError as exc:
+            log.warning("batch document %d not signed, will retry: %s", job.row_id, exc)
+            failures.append((job.row_id, exc, False))
+            tsa_down = exc
+        except Exception as exc:
+            log.warning("batch document %d not signed, will retry: %s", job.row_id, exc,
+                        exc_info=not isinstance(exc, KoinError))
+            failures.append((job.row_id, exc, False))
+    try:
+        if staged:
+            folders = {job.output_path.parent for job, _, _, _ in staged}
+            for folder in folders:
+                sync_filesystem(folder)
+            for job, source, temporary, signed in staged:
+                try:
+                    os.link(temporary, job.output_path)
+                    finished.append((job, signed))
+                except FileExistsError:  # an overtaken worker was faster: take its file
+                    try:
+                        existing = job.output_path.read_bytes()
+                        finished.append((job, _check_existing(job, source, existing, context)))
+                    except _OutputUnusable as exc:
+                        failures.append((job.row_id, exc, True))
+            for folder in folders:
+                sync_filesystem(folder)
+    except Exception as exc:  # the disk: nothing is marked done, all of it is retried
+        log.warning("batch documents not stored, will retry: %s", exc)
+        failures.extend((job.row_id, exc, False) for job, _, _, _ in staged)
+        finished = [(job, signed) for job, signed in finished
+                    if all(job is not other for other, _, _, _ in staged)]
+    finally:
+        for _, _, temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+    try:
+        if finished:
+            _mark_done(sessions, finished, context, owner=owner, moment=aware_utc(now))
+        _release(sessions, failures, owner=owner, moment=aware_utc(now))
+    except Exception:
+        # The files are stored; whoever holds the rows next finds and records them.
+        log.exception("batch documents signed but not marked; they are taken up again later")
+    states = _states(sessions, document_ids)
+    done_batches = {
+        job.batch_id for job in jobs
+        if states.get(job.row_id) in (DocumentState.DONE, DocumentState.FAILED)
+    }
+    if done_batches:
+        with session_scope(sessions) as session:
+            _finish_where(session, Batch.id.in_(done_batches), aware_utc(now))
+    return states
 
 
 def sign_document(
@@ -931,54 +1091,14 @@ def sign_document(
     public_url: str | None = None,
     now: dt.datetime | None = None,
 ) -> DocumentState:
-    """Sign the batch document ``document_id`` (a row id) that ``owner`` has claimed, record
-    it, and mark it done. Idempotent: a done row is left alone, and a complete output file of
-    an earlier attempt that was never marked is verified and recorded instead of signing
-    again. Returns the row's state afterwards (unchanged if the row is not ``owner``'s).
+    """Sign one claimed batch document (a row id); see :func:`sign_documents`.
 
-    A file that is not a usable PDF (not a PDF, encrypted, broken, stamp does not fit) fails
-    the document with the signer's reason; any other error (TSA down, database hiccup, …)
-    puts it back to waiting with ``attempts`` + 1 and a back-off (:func:`retry_delay`).
-
-    :param context: the position key's signing context, loaded once per process.
-    :param home: ``KOIN_HOME``, below which the batch's files live.
-    :param public_url: base of the verification URL for templates with a QR code.
     :raises ValueError: there is no such row.
     """
-    moment = aware_utc(now)
-    prepared = _prepare(
-        sessions, document_id, home=home, owner=owner, public_url=public_url, moment=moment
-    )
-    if isinstance(prepared, DocumentState):
-        return prepared
-    job = prepared
-    try:
-        source = _read_input(job)
-        if job.output_path.exists():
-            signed = _check_existing(job, source, job.output_path.read_bytes(), context)
-        else:
-            result = sign_pdf(source, context, job.options)
-            assert result.data is not None
-            try:
-                _create_exclusively(job.output_path, result.data)
-                signed = _Signed(result.sha256, result.level, result.signed_at)
-            except FileExistsError:  # an overtaken worker was faster: take its file
-                signed = _check_existing(job, source, job.output_path.read_bytes(), context)
-        _mark_done(sessions, job, signed, context, owner=owner, moment=aware_utc(now))
-    except _LeaseLost:
-        log.warning("batch document %d: lease lost before it was marked done", document_id)
-    except (InvalidPdfError, PlacementError, _InputUnusable, _OutputUnusable) as exc:
-        log.info("batch document %d failed: %s", document_id, exc.message_en)
-        _release(sessions, document_id, owner=owner, moment=aware_utc(now), error=exc, final=True)
-    except Exception as exc:
-        log.warning("batch document %d not signed, will retry: %s", document_id, exc,
-                    exc_info=not isinstance(exc, KoinError))
-        _release(sessions, document_id, owner=owner, moment=aware_utc(now), error=exc, final=False)
-    state = _current_state(sessions, document_id)
-    if state in (DocumentState.DONE, DocumentState.FAILED):
-        with session_scope(sessions) as session:
-            _finish_where(session, Batch.id == job.batch_id, aware_utc(now))
-    return state
+    return sign_documents(
+        sessions, [document_id], context, home=home, owner=owner, public_url=public_url,
+        now=now,
+    )[document_id]
 
 
 # -- executor -----------------------------------------------------------------------------------
@@ -990,12 +1110,12 @@ def _new_owner() -> str:
 
 class BatchWorker(PeriodicWorker[int]):
     """Works off running batches in this process: each round runs :func:`reconcile`, claims up
-    to ``2 × threads`` documents and signs them on a pool of ``threads`` threads, with one
-    signing context (the position key) loaded once when the worker is made.
+    to ``threads × chunk`` documents and signs them on a pool of ``threads`` threads, ``chunk``
+    documents at a time (:func:`sign_documents`), with one signing context (the position key)
+    loaded once when the worker is made.
 
-    :meth:`execute` is a plain callable ``execute(document_id)`` for a row this worker has
-    claimed, so that a Celery task can wrap it later (claim with :attr:`owner`, then enqueue
-    ``execute`` per id). Errors are logged; nothing escapes the thread.
+    :meth:`execute_many` signs rows this worker has claimed (a Celery task claims with
+    :attr:`owner`, then calls it). Errors are logged; nothing escapes the thread.
     """
 
     thread_name = "koin-batches"
@@ -1013,16 +1133,20 @@ class BatchWorker(PeriodicWorker[int]):
         lease: dt.timedelta = LEASE,
         interval: float = DEFAULT_BATCH_INTERVAL,
         clock: Callable[[], dt.datetime] = utcnow,
+        chunk: int = DEFAULT_CHUNK,
     ) -> None:
         """:param home: where the batches' files live (default: the installation's home).
+        :param chunk: documents signed together by one thread (one transaction and one
+            filesystem sync for all of them).
         :param context: a signing context to use instead of the installation's position
             context (tests).
         :raises ValueError: ``threads`` or ``interval`` is not positive.
         :raises KeyStoreError: the position key cannot be loaded.
         """
         super().__init__(interval)
-        if threads < 1:
-            raise ValueError(f"threads must be positive, got {threads}")
+        if threads < 1 or chunk < 1:
+            raise ValueError(f"threads and chunk must be positive, got {threads}, {chunk}")
+        self.chunk = chunk
         self.sessions = sessions
         self.home = home or installation.home
         self.threads = threads
@@ -1032,10 +1156,19 @@ class BatchWorker(PeriodicWorker[int]):
         self.owner = _new_owner()
         self.context = context or installation.signing_context(Role.POSITION, tsa_urls=tsa_urls)
 
+    @property
+    def claim_size(self) -> int:
+        """Documents claimed per round."""
+        return self.threads * self.chunk
+
     def execute(self, document_id: int) -> DocumentState:
         """Sign one claimed document (see :func:`sign_document`)."""
-        return sign_document(
-            self.sessions, document_id, self.context, home=self.home, owner=self.owner,
+        return self.execute_many([document_id])[document_id]
+
+    def execute_many(self, document_ids: Sequence[int]) -> dict[int, DocumentState]:
+        """Sign claimed documents together (see :func:`sign_documents`)."""
+        return sign_documents(
+            self.sessions, document_ids, self.context, home=self.home, owner=self.owner,
             public_url=self.public_url, now=self.clock(),
         )
 
@@ -1044,16 +1177,17 @@ class BatchWorker(PeriodicWorker[int]):
         try:
             reconcile(self.sessions, now=self.clock())
             ids = claim_documents(
-                self.sessions, owner=self.owner, limit=2 * self.threads, lease=self.lease,
+                self.sessions, owner=self.owner, limit=self.claim_size, lease=self.lease,
                 now=self.clock(),
             )
             if ids:
+                parts = [ids[i :: self.threads] for i in range(self.threads)]
                 with ThreadPoolExecutor(self.threads, thread_name_prefix="koin-sign") as pool:
-                    list(pool.map(self.execute, ids))
+                    list(pool.map(self.execute_many, [part for part in parts if part]))
             return len(ids)
         except Exception:
             log.exception("batch signing round failed; trying again in %.0f s", self.interval)
             return None
 
     def more_due(self, result: int | None) -> bool:
-        return result is not None and result == 2 * self.threads
+        return result is not None and result == self.claim_size

@@ -165,8 +165,8 @@ def sign_task(ids: list[int]) -> int:
         process.sessions, owner=worker.owner, limit=max(1, len(ids)), lease=process.lease,
         ids=[int(i) for i in ids],
     )
-    for row_id in claimed:
-        worker.execute(row_id)
+    if claimed:
+        worker.execute_many(claimed)
     return len(claimed)
 
 

@@ -457,7 +457,9 @@ def test_worker_survives_and_reports(
 ) -> None:
     worker = BatchWorker(sessions, installation, home=home, interval=0.05)
     assert worker.run_once() == 0
-    assert worker.more_due(4) and not worker.more_due(3) and not worker.more_due(None)
+    assert worker.claim_size == 2 * batches_module.DEFAULT_CHUNK
+    assert worker.more_due(worker.claim_size) and not worker.more_due(worker.claim_size - 1)
+    assert not worker.more_due(None)
     with pytest.raises(ValueError):
         BatchWorker(sessions, installation, threads=0)
 

@@ -46,6 +46,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: One upload request to a batch (many PDFs, or a ZIP) may carry this much.
 MAX_BATCH_UPLOAD_BYTES = 2 * 2**30
 _ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
+#: Uploaded files stored together (one filesystem sync); bounds what is held in memory.
+_STORE_GROUP = 200
 
 
 def _iso(value: Any) -> str | None:
@@ -235,6 +237,13 @@ def _add_uploads(
     skipped: list[dict[str, str]] = []
     with contracts.session_scope(services.session_factory()) as session:
         batch = contracts.batch_of_user(session, public_id, user)
+        pending: list[tuple[str, bytes]] = []
+
+        def flush() -> None:
+            documents = contracts.add_documents(session, batch, home=_home(), files=pending)
+            added.extend(document_json(batch, document) for document in documents)
+            pending.clear()
+
         for name, payload, kind in uploads:
             if kind == "zip":
                 for entry in read_zip_pdfs(payload):
@@ -243,17 +252,15 @@ def _add_uploads(
                             {"name": entry.name, "reason": entry.reason,
                              "reason_en": entry.reason_en}
                         )
-                        continue
-                    document = contracts.add_document(
-                        session, batch, home=_home(), file_name=entry.name, data=entry.data
-                    )
-                    added.append(document_json(batch, document))
+                    else:
+                        pending.append((entry.name, entry.data))
+                        if len(pending) >= _STORE_GROUP:
+                            flush()
             else:
-                data = payload.read() if hasattr(payload, "read") else payload
-                document = contracts.add_document(
-                    session, batch, home=_home(), file_name=name, data=data
-                )
-                added.append(document_json(batch, document))
+                pending.append((name, payload.read() if hasattr(payload, "read") else payload))
+                if len(pending) >= _STORE_GROUP:
+                    flush()
+        flush()
         body = {"added": added, "skipped": skipped, "batch": batch_json(session, batch)}
     return jsonify(body), 201
 
