@@ -66,10 +66,24 @@ def refusals_exit_1(func: F) -> F:
 
 @click.group()
 @click.version_option(package_name="koin")
+@click.option("--server", metavar="URL", envvar="KOIN_SERVER",
+              help="Sign on this remote koin through its REST API instead of locally "
+              "(sign and sign-batch; needs --api-key-file).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="KOIN_API_KEY_FILE",
+              help="File holding an API key with the scope sign (mode 0600).")
 @click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli(ctx: click.Context, server: str | None, api_key_file: Path | None) -> None:
     """koin (公印): electronic seals, signatures and witness-type contracts."""
     ctx.obj = Settings()
+    ctx.meta["koin.server"] = server.rstrip("/") if server else None
+    ctx.meta["koin.api_key_file"] = api_key_file
+    if server and not server.startswith(("http://", "https://")):
+        raise click.UsageError("--server must be an http:// or https:// URL")
+    if server and api_key_file is None:
+        raise click.UsageError("--server needs --api-key-file")
+    if server and ctx.invoked_subcommand not in ("sign", "sign-batch"):
+        raise click.UsageError("--server works with sign and sign-batch only")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -251,8 +265,19 @@ def sign(
 ) -> None:
     """Sign INPUT_PDF with the position certificate and write OUTPUT_PDF.
 
-    The output is written to a temporary file and renamed only when complete.
+    The output is written to a temporary file and renamed only when complete. With --server,
+    a remote koin signs it (POST /api/v1/sign).
     """
+    if click.get_current_context().meta.get("koin.server"):
+        if certify or tsa_urls or role != Role.POSITION.value or document_id or qr:
+            raise click.UsageError(
+                "with --server only --level, --page, --box, --units and --no-stamp apply"
+            )
+        _sign_remotely(
+            settings, input_pdf, output_pdf, level=level, page=page,
+            box=_parse_box(box, units) if box else None, no_stamp=no_stamp, as_json=as_json,
+        )
+        return
     if no_stamp and (box or page is not None):
         raise click.UsageError("--no-stamp cannot be combined with --page or --box")
     if input_pdf.resolve() == output_pdf.resolve():
@@ -300,6 +325,57 @@ def sign(
         )
 
 
+def _sign_remotely(
+    settings: Settings, input_pdf: Path, output_pdf: Path, *, level: str, page: int | None,
+    box: tuple[float, float, float, float] | None, no_stamp: bool, as_json: bool,
+) -> None:
+    """:raises KoinError: the input is missing, or the server refused or cannot be reached."""
+    import hashlib
+
+    from ._remote_batch import ApiClient, RemoteError, _write_output, read_api_key
+
+    context = click.get_current_context()
+    if input_pdf.resolve() == output_pdf.resolve():
+        raise click.UsageError("OUTPUT_PDF must differ from INPUT_PDF")
+    if not input_pdf.is_file():
+        raise KoinError(
+            f"入力ファイル {input_pdf} がありません。", f"Input file {input_pdf} does not exist."
+        )
+    params: dict[str, str] = {"level": level}
+    if no_stamp:
+        params["no_stamp"] = "true"
+    if page is not None:
+        params["page"] = str(page)
+    if box is not None:
+        params["box"] = ",".join(f"{v:g}" for v in box)
+    client = ApiClient(context.meta["koin.server"], read_api_key(context.meta["koin.api_key_file"]))
+    try:
+        source = input_pdf.read_bytes()
+        response = client._call(
+            "POST", "/api/v1/sign", params=params, data=source,
+            headers={"Content-Type": "application/pdf"},
+        )
+    finally:
+        client.close()
+    data = response.content
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != response.headers.get("X-Koin-SHA256") or not data.startswith(source):
+        raise RemoteError(
+            "署名済みファイルが壊れています(ハッシュ不一致)。",
+            "The signed file arrived damaged (hash mismatch).",
+        )
+    output_pdf.parent.mkdir(parents=True, exist_ok=True)
+    _write_output(output_pdf, data)
+    document_id = response.headers.get("X-Koin-Document-Id", "")
+    if as_json:
+        click.echo(json.dumps({"output": str(output_pdf), "document_id": document_id,
+                               "level": level, "sha256": digest}, ensure_ascii=False))
+    else:
+        click.echo(
+            f"署名しました: {output_pdf} (文書番号 {document_id}, {level}, SHA-256 {digest})"
+        )
+
+
 _BATCH_LABELS = {
     "ja": {"signed": "署名済み", "skipped": "スキップ(署名済み)", "failed": "失敗"},
     "en": {"signed": "signed", "skipped": "skipped (signed before)", "failed": "failed"},
@@ -335,12 +411,38 @@ def sign_batch(
 
     Resumable: inputs that the manifest shows as signed, with their output unchanged, are
     skipped. Exit 0 if every file is signed or skipped, 1 if any failed (reason in the manifest
-    and on stderr).
+    and on stderr). With --server, a remote koin signs them (a batch through its REST API).
     """
     from ._sign_batch import Row, run_batch, with_level
 
     if in_dir.resolve() == out_dir.resolve():
         raise click.UsageError("OUT_DIR must differ from IN_DIR")
+    labels = _BATCH_LABELS[settings.language]
+
+    def report(done: int, total: int, row: Row, label: str) -> None:
+        if label == "failed":
+            click.echo(f"[{done}/{total}] {row.input_name} {labels[label]}: {row.error}", err=True)
+        elif not quiet:
+            click.echo(f"[{done}/{total}] {row.input_name} {labels[label]}", err=True)
+
+    context = click.get_current_context()
+    server = context.meta.get("koin.server")
+    if server:
+        if level is not None:
+            raise click.UsageError("--level cannot be used with --server; use a --template")
+        from ._remote_batch import ApiClient, read_api_key, run_remote_batch
+
+        client = ApiClient(server, read_api_key(context.meta["koin.api_key_file"]))
+        try:
+            summary = run_remote_batch(
+                client, server, in_dir, out_dir, template=template_name,
+                manifest=manifest or out_dir / "manifest.csv", workers=workers,
+                language=settings.language, report=report,
+            )
+        finally:
+            client.close()
+        _batch_summary(settings, summary)
+        return
     _upgrade_database(settings)
     options = SignOptions()
     if template_name is not None:
@@ -350,18 +452,14 @@ def sign_batch(
             template = contracts.require_template(session, template_name)
             options = contracts.sign_options(template, public_url=settings.public_url)
     options = with_level(options, level)
-    labels = _BATCH_LABELS[settings.language]
-
-    def report(done: int, total: int, row: Row, label: str) -> None:
-        if label == "failed":
-            click.echo(f"[{done}/{total}] {row.input_name} {labels[label]}: {row.error}", err=True)
-        elif not quiet:
-            click.echo(f"[{done}/{total}] {row.input_name} {labels[label]}", err=True)
-
     summary = run_batch(
         settings, in_dir, out_dir, options, manifest=manifest or out_dir / "manifest.csv",
         workers=workers, report=report, template=template_name,
     )
+    _batch_summary(settings, summary)
+
+
+def _batch_summary(settings: Settings, summary: Any) -> None:
     if settings.language == "en":
         click.echo(f"{summary.total} file(s): {summary.signed} signed, {summary.skipped} "
                    f"skipped, {summary.failed} failed; manifest {summary.manifest}")
