@@ -63,6 +63,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         services,
         template_views,
         verify_views,
+        webhook_views,
     )
 
     i18n.init_app(app)
@@ -79,6 +80,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(contract_views.bp)
     app.register_blueprint(party_views.bp)
     app.register_blueprint(template_views.bp)
+    app.register_blueprint(webhook_views.bp)
     app.register_blueprint(api.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views
