@@ -403,7 +403,7 @@ ENGLISH = {
     "すべての送信先": "All endpoints",
     "すべての状態": "All states",
     "絞り込む": "Filter",
-    "イベント": "Events",
+    "イベント": "Event",
     "イベント ID": "Event ID",
     "試行": "Attempts",
     "最後": "last",
@@ -448,6 +448,7 @@ ENGLISH = {
     "停止する": "Disable",
     "再開する": "Enable",
     "送信先はまだありません。": "No endpoints yet.",
+    "(説明なし)": "(no description)",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
