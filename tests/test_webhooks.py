@@ -41,6 +41,7 @@ from contracts import (
     WebhookWorker,
     batch_finished_data,
     complete_contract,
+    contract_event_data,
     create_endpoint,
     create_user,
     decline,
@@ -859,3 +860,21 @@ def test_cli_add_list_disable_and_deliver(
     unknown = runner.invoke(cli, ["webhooks", "add", url, "--event", "contract.signed"])
     assert unknown.exit_code == 1 and "contract.signed" in unknown.output
     assert runner.invoke(cli, ["webhooks", "add", url]).exit_code == 2  # --event is required
+
+
+def test_openapi_describes_every_event(app: Flask) -> None:
+    document = app.test_client().get("/api/v1/openapi.json").get_json()
+    assert sorted(document["webhooks"]) == sorted(EVENT_TYPES)
+    envelope = document["components"]["schemas"]["WebhookEnvelope"]
+    assert envelope["properties"]["type"]["enum"] == list(EVENT_TYPES)
+    for name, hook in document["webhooks"].items():
+        headers = {p["name"] for p in hook["post"]["parameters"]}
+        assert headers == {"X-Koin-Event", "X-Koin-Delivery", "X-Koin-Timestamp",
+                           "X-Koin-Signature"}, name
+    contract = document["components"]["schemas"]["WebhookContractData"]["required"]
+    batch = document["components"]["schemas"]["WebhookBatchData"]["required"]
+    sample = contract_event_data(contract_id="c", title="t", status="completed",
+                                 time=utcnow(), public_url=PUBLIC_URL)
+    assert sorted(contract) == sorted(sample)
+    assert sorted(batch) == sorted(batch_finished_data(
+        batch_id="b", done=1, failed=0, finished_at=utcnow(), public_url=PUBLIC_URL))
