@@ -12,6 +12,7 @@ import html
 import http
 import json
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -59,7 +60,7 @@ from contracts.mail import retry_delay
 from contracts.webhooks import MAX_ATTEMPTS, sign_payload
 from signer import Installation
 from tests.conftest import PUBLIC_URL
-from tests.servers import free_port, wsgi_server
+from tests.servers import free_port, koin_process, wsgi_server
 from tests.test_workflow import TARO, _all_consent, _contract, _create, _identify
 from web import create_app, services
 from web.cli import cli
@@ -878,3 +879,52 @@ def test_openapi_describes_every_event(app: Flask) -> None:
     assert sorted(contract) == sorted(sample)
     assert sorted(batch) == sorted(batch_finished_data(
         batch_id="b", done=1, failed=0, finished_at=utcnow(), public_url=PUBLIC_URL))
+
+
+def test_the_readme_receiver_check_accepts_a_real_delivery_and_refuses_tampering(
+    sessions: sessionmaker[Session], receiver: tuple[Receiver, str]
+) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    section = readme[readme.index("## Webhooks"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code
+    namespace: dict[str, Any] = {}
+    exec(code.group(1), namespace)  # noqa: S102 - our own README
+    check = namespace["koin_signature_ok"]
+
+    app, _ = _listening(sessions, receiver)
+    _event(sessions)
+    deliver_webhooks(sessions)
+    [request] = app.received
+    headers = {"X-Koin-Timestamp": request.timestamp, "X-Koin-Signature": request.signature}
+    assert check(app.secret, headers, request.body)
+    assert not check("whsec_" + "B" * 43, headers, request.body)
+    assert not check(app.secret, headers, request.body + b" ")
+    old = str(int(request.timestamp) - 600)
+    resigned = {"X-Koin-Timestamp": old,
+                "X-Koin-Signature": sign_payload(app.secret, old, request.body)}
+    assert not check(app.secret, resigned, request.body)  # stale, though correctly signed
+    assert not check(app.secret, {}, request.body)
+
+
+@pytest.mark.slow
+def test_koin_serve_delivers_webhooks(
+    koin_home: Path,
+    tmp_path: Path,
+    db_url: str,
+    sessions: sessionmaker[Session],
+    receiver: tuple[Receiver, str],
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(koin_home, home)
+    app, _ = _listening(sessions, receiver)
+    port = free_port()
+    env = {"KOIN_DATABASE_URL": db_url, "KOIN_DEV_SMTP_PORT": "0", "KOIN_JOBS_INTERVAL": "0"}
+    with koin_process(home, "serve", "--no-init", "--port", str(port), port=port, env=env):
+        queued = _event(sessions)
+        deadline = time.monotonic() + 30
+        while not app.received and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert [item.delivery for item in app.received] == [queued.delivery_id]
+    assert app.received[0].verified
+    assert _delivery(sessions, queued.delivery_id).state == "delivered"
