@@ -166,12 +166,13 @@ def reconcile_and_queue(
     chunk: int = DEFAULT_CHUNK,
     requeue_after: dt.timedelta = DEFAULT_REQUEUE_AFTER,
     now: dt.datetime | None = None,
+    public_url: str | None = None,
 ) -> int:
     """One round of the reconciler: put documents with expired leases back to waiting, finish
     batches with nothing left, and queue what is due; documents queued long ago are queued
     again only when the broker's queue is known to be empty (``backlog == 0``), so that a
     long queue is not flooded with copies. Returns how many documents were sent."""
-    reconcile(sessions, now=now)
+    reconcile(sessions, now=now, public_url=public_url)
     return queue_due(
         sessions, send, chunk=chunk, requeue_after=requeue_after if backlog == 0 else None,
         now=now,

@@ -88,6 +88,7 @@ from .errors import BatchNotFound, InvalidBatchData, InvalidBatchState
 from .mail import retry_delay
 from .models import SigningChannel
 from .templates import require_template, sign_options
+from .webhooks import WebhookEvent, batch_finished_data, enqueue_event
 
 __all__ = [
     "DEFAULT_BATCH_INTERVAL",
@@ -584,25 +585,51 @@ def batch_progress(session: Session, batch: Batch) -> Progress:
     )
 
 
-def finish_if_complete(session: Session, batch: Batch, *, now: dt.datetime | None = None) -> bool:
+def finish_if_complete(
+    session: Session, batch: Batch, *, now: dt.datetime | None = None,
+    public_url: str | None = None,
+) -> bool:
     """Mark a running batch finished if none of its documents is waiting or running (one
-    conditional ``UPDATE``). Call it in a transaction of its own, after the documents' changes
-    have committed. Returns whether this call finished it."""
-    return _finish_where(session, Batch.id == batch.id, aware_utc(now)) == 1
+    conditional ``UPDATE``), and announce it (webhook ``batch.finished``, archive URL below
+    ``public_url``). Call it in a transaction of its own, after the documents' changes have
+    committed. Returns whether this call finished it."""
+    return _finish_where(session, Batch.id == batch.id, aware_utc(now), public_url) == 1
 
 
-def _finish_where(session: Session, condition: Any, moment: dt.datetime) -> int:
+def _finish_where(
+    session: Session, condition: Any, moment: dt.datetime, public_url: str | None
+) -> int:
+    """Finish the running batches matching ``condition`` that have nothing left to do, and
+    queue a ``batch.finished`` webhook for each in the same transaction. How many."""
     pending = exists().where(
         BatchDocument.batch_id == Batch.id,
         BatchDocument.state.in_([DocumentState.WAITING.value, DocumentState.RUNNING.value]),
     )
-    result = session.execute(
+    finished = session.execute(
         update(Batch)
         .where(condition, Batch.status == BatchStatus.RUNNING.value, ~pending)
-        .values(status=BatchStatus.FINISHED.value, finished_at=moment),
+        .values(status=BatchStatus.FINISHED.value, finished_at=moment)
+        .returning(Batch.id, Batch.public_id),
         execution_options={"synchronize_session": False},
-    )
-    return rowcount(result)
+    ).all()
+    for batch_id, public_id in finished:
+        counts = dict(
+            session.execute(
+                select(BatchDocument.state, func.count())
+                .where(BatchDocument.batch_id == batch_id)
+                .group_by(BatchDocument.state)
+            ).all()
+        )
+        enqueue_event(
+            session, WebhookEvent.BATCH_FINISHED,
+            batch_finished_data(
+                batch_id=public_id, done=int(counts.get(DocumentState.DONE.value, 0)),
+                failed=int(counts.get(DocumentState.FAILED.value, 0)), finished_at=moment,
+                public_url=public_url or "",
+            ),
+            now=moment,
+        )
+    return len(finished)
 
 
 # -- working off a batch ------------------------------------------------------------------------
@@ -677,7 +704,10 @@ def claim_documents(
     return sorted(claimed)
 
 
-def reconcile(sessions: sessionmaker[Session], *, now: dt.datetime | None = None) -> int:
+def reconcile(
+    sessions: sessionmaker[Session], *, now: dt.datetime | None = None,
+    public_url: str | None = None,
+) -> int:
     """Put documents whose worker's lease has expired back to waiting, and finish running
     batches with nothing left to do. Returns how many documents were put back."""
     moment = aware_utc(now)
@@ -696,7 +726,7 @@ def reconcile(sessions: sessionmaker[Session], *, now: dt.datetime | None = None
         )
         count = rowcount(result)
     with session_scope(sessions) as session:
-        _finish_where(session, Batch.id.is_not(None), moment)
+        _finish_where(session, Batch.id.is_not(None), moment, public_url)
     if count:
         log.warning("batch signing: %d document(s) with an expired lease put back", count)
     return count
@@ -1077,7 +1107,7 @@ def sign_documents(
     }
     if done_batches:
         with session_scope(sessions) as session:
-            _finish_where(session, Batch.id.in_(done_batches), aware_utc(now))
+            _finish_where(session, Batch.id.in_(done_batches), aware_utc(now), public_url)
     return states
 
 
@@ -1175,7 +1205,7 @@ class BatchWorker(PeriodicWorker[int]):
     def run_once(self) -> int | None:
         """One round; the number of documents claimed, or None if it failed (logged)."""
         try:
-            reconcile(self.sessions, now=self.clock())
+            reconcile(self.sessions, now=self.clock(), public_url=self.public_url)
             ids = claim_documents(
                 self.sessions, owner=self.owner, limit=self.claim_size, lease=self.lease,
                 now=self.clock(),

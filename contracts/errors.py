@@ -46,6 +46,11 @@ __all__ = [
     "InvalidAccountData",
     "LoginFailed",
     "UserExists",
+    "InvalidWebhookData",
+    "InvalidWebhookState",
+    "WebhookError",
+    "WebhookNotFound",
+    "WebhookSignatureInvalid",
 ]
 
 
@@ -484,3 +489,78 @@ class MailError(ContractsError):
     """A message could not be handed to the mail server, or the mail settings are unusable
     (``KOIN_SMTP_URL``, ``KOIN_MAIL_FROM``). Fields: ``server`` (URL without password) and
     ``reason`` (the server's answer) where known; never credentials."""
+
+
+# -- webhooks ---------------------------------------------------------------------------------
+
+
+class WebhookError(ContractsError):
+    """Root of the errors of outgoing webhooks (:mod:`contracts.webhooks`)."""
+
+
+class InvalidWebhookData(WebhookError):
+    """A URL, event type or description offered for a webhook endpoint is unusable.
+
+    :ivar field: which one (``url``, ``events``, ``description`` or ``created_by``).
+    """
+
+    def __init__(self, field: str, message: str, message_en: str) -> None:
+        super().__init__(message, message_en, field=field)
+        self.field = field
+
+
+class WebhookNotFound(WebhookError):
+    """No webhook endpoint or delivery has this ID.
+
+    :ivar kind: ``endpoint`` or ``delivery``.
+    """
+
+    def __init__(self, kind: str, ident: str) -> None:
+        what, what_en = ("Webhook の送信先", "webhook endpoint") if kind == "endpoint" else (
+            "Webhook の配信", "webhook delivery"
+        )
+        super().__init__(
+            f"{what} {ident} は見つかりません。", f"There is no {what_en} {ident}.",
+            kind=kind, id=ident,
+        )
+        self.kind = kind
+
+
+class InvalidWebhookState(WebhookError):
+    """Only a failed delivery can be sent again by hand.
+
+    :ivar state: the delivery's state.
+    """
+
+    def __init__(self, delivery_id: str, state: str) -> None:
+        super().__init__(
+            f"配信 {delivery_id} は失敗していないため、再配信できません(状態: {state})。",
+            f"The delivery {delivery_id} has not failed, so it cannot be redelivered "
+            f"(state: {state}).",
+            delivery_id=delivery_id, state=state,
+        )
+        self.state = state
+
+
+class WebhookSignatureInvalid(WebhookError):
+    """A received webhook does not carry a valid, fresh signature (see
+    :func:`contracts.webhooks.verify_webhook_signature`).
+
+    :ivar reason: ``timestamp`` (missing or malformed), ``format`` (no ``sha256=<hex>``),
+        ``stale`` (outside the tolerance) or ``mismatch``.
+    """
+
+    _TEXT = {
+        "timestamp": ("X-Koin-Timestamp がないか、形式が正しくありません。",
+                      "X-Koin-Timestamp is missing or malformed."),
+        "format": ("X-Koin-Signature がないか、形式が正しくありません。",
+                   "X-Koin-Signature is missing or malformed."),
+        "stale": ("署名の時刻が古すぎるか、先の時刻です(再送攻撃の可能性)。",
+                  "The signature's timestamp is too old or in the future (possible replay)."),
+        "mismatch": ("署名が一致しません。", "The signature does not match."),
+    }
+
+    def __init__(self, reason: str) -> None:
+        message, message_en = self._TEXT[reason]
+        super().__init__(message, message_en, reason=reason)
+        self.reason = reason

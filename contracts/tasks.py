@@ -214,4 +214,5 @@ class CeleryExecutor(BatchExecutor):
         return reconcile_and_queue(
             self.sessions, self._send, backlog=self.backlog(), chunk=self.config.chunk,
             requeue_after=dt.timedelta(seconds=self.config.requeue_seconds),
+            public_url=self.config.public_url,
         )

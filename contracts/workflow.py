@@ -683,6 +683,31 @@ def _notify_officer(
     )
 
 
+def _announce(
+    session: Session, contract: Contract, moment: dt.datetime, public_url: str
+) -> None:
+    """Queue the webhook ``contract.<status>`` in this transaction (see
+    :mod:`contracts.webhooks`), for the contract's new status."""
+    from .webhooks import contract_event_data, enqueue_event
+
+    data = contract_event_data(
+        contract_id=contract.public_id, title=contract.title, status=contract.status,
+        time=moment, public_url=public_url,
+    )
+    enqueue_event(session, f"contract.{contract.status}", data, now=moment)
+
+
+def _sent_public_url(session: Session, contract: Contract) -> str:
+    """The service URL the contract was sent under (recorded with its ``sent`` event; every
+    contract that can be declined was sent, the default is for a hand-edited database)."""
+    url = session.scalar(
+        select(AuditEvent.details).where(
+            AuditEvent.contract_id == contract.id, AuditEvent.kind == EventKind.SENT.value
+        ).order_by(AuditEvent.seq).limit(1)
+    )
+    return _public_url(str((url or {}).get("public_url") or "http://127.0.0.1:5000"))
+
+
 def _invite(
     session: Session,
     contract: Contract,
@@ -1436,9 +1461,12 @@ def decline(
     *,
     ip: str | None,
     user_agent: str | None,
+    public_url: str | None = None,
     now: dt.datetime | None = None,
 ) -> None:
-    """The identified party declines: the contract becomes ``declined`` and the officer is told.
+    """The identified party declines: the contract becomes ``declined``, the officer is told
+    and the webhook ``contract.declined`` queued (its URLs under ``public_url``; default: the
+    URL the contract was sent under).
 
     :raises IdentificationRequired: the party has not identified since opening the link.
     :raises AlreadyResponded: the party answered already.
@@ -1457,6 +1485,10 @@ def decline(
         session, contract, EventKind.DECLINED, time=moment, party_id=current.id, ip=ip,
         user_agent=user_agent, email=current.email, identification=current.identification,
         document_sha256=contract.original_sha256, details={"reason": text},
+    )
+    _announce(
+        session, contract, moment,
+        _public_url(public_url) if public_url else _sent_public_url(session, contract),
     )
     _notify_officer(
         session, contract,
@@ -1914,6 +1946,7 @@ def _finish(
     contract.chain_head_timestamp = token
     contract.completion_owner = None
     contract.completion_lease_until = None
+    _announce(session, contract, moment, public_url)
     record_signed_document(
         session,
         document_id=snapshot.document_id,
@@ -1980,7 +2013,9 @@ def _remind(session: Session, contract_id: int, public_url: str, moment: dt.date
     return len(due)
 
 
-def _expire(session: Session, contract_id: int, moment: dt.datetime) -> bool:
+def _expire(
+    session: Session, contract_id: int, moment: dt.datetime, public_url: str
+) -> bool:
     contract = _lock(session, contract_id)
     if not contract.contract_status.is_open or contract.expires_at > moment:
         return False
@@ -1990,6 +2025,7 @@ def _expire(session: Session, contract_id: int, moment: dt.datetime) -> bool:
         session, contract, EventKind.EXPIRED, time=moment,
         details={"expires_at": _iso(contract.expires_at), "previous_status": previous},
     )
+    _announce(session, contract, moment, public_url)
     _notify_officer(
         session, contract,
         mails.expired_notice(title=contract.title, public_id=contract.public_id),
@@ -2034,7 +2070,7 @@ def run_due(
 
         def expire_one(contract_id: int = contract_id) -> bool:
             with session_scope(sessions) as session:
-                return _expire(session, contract_id, moment)
+                return _expire(session, contract_id, moment, base)
 
         if attempt(contract_id, public_id, expire_one):
             report.expired.append(public_id)

@@ -36,8 +36,9 @@ class _Quiet(WSGIRequestHandler):
 
 
 @contextmanager
-def wsgi_server(app: WsgiApp) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, handler_class=_Quiet)
+def wsgi_server(app: WsgiApp, port: int = 0) -> Iterator[str]:
+    """Serve ``app`` on loopback (on ``port``, or any free one) until the block ends."""
+    server = make_server("127.0.0.1", port, app, handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

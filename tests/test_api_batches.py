@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import time
 import zipfile
@@ -32,10 +33,12 @@ from contracts import (
     revoke_api_key,
     session_scope,
 )
+from contracts.webhooks import create_endpoint, deliver_webhooks, verify_webhook_signature
 from signer import Installation
 from signer.samples import make_permit_pdf
 from tests.conftest import PUBLIC_URL
 from tests.hostile import password_protected_pdf
+from tests.servers import wsgi_server
 from tests.validators import pyhanko_status
 from web import create_app, services
 
@@ -146,6 +149,36 @@ def _wait_finished(client: FlaskClient, key: str, batch_id: str, timeout: float 
         time.sleep(0.3)
 
 
+def _webhook_receiver(secret_box: list[str], received: list[dict[str, Any]]) -> Any:
+    """A WSGI app that checks the HMAC like a real receiver and keeps the payloads."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        verify_webhook_signature(
+            secret_box[0], environ.get("HTTP_X_KOIN_TIMESTAMP"), body,
+            environ.get("HTTP_X_KOIN_SIGNATURE"),
+        )
+        received.append(json.loads(body))
+        start_response("204 No Content", [])
+        return [b""]
+
+    return app
+
+
+@pytest.fixture
+def webhook_events(sessions: sessionmaker[Session]) -> Iterator[list[dict[str, Any]]]:
+    """The batch.finished events a subscribed receiver got (signatures checked)."""
+    secret: list[str] = []
+    received: list[dict[str, Any]] = []
+    with wsgi_server(_webhook_receiver(secret, received)) as url:
+        with session_scope(sessions) as session:
+            _, raw_secret = create_endpoint(
+                session, url, events=["batch.finished"], description="文書管理システム"
+            )
+            secret.append(raw_secret)
+        yield received
+
+
 def test_batch_through_the_api(
     client: FlaskClient,
     key: str,
@@ -154,6 +187,7 @@ def test_batch_through_the_api(
     sessions: sessionmaker[Session],
     root_cert: asn1_x509.Certificate,
     home: Path,
+    webhook_events: list[dict[str, Any]],
 ) -> None:
     created = client.post(
         "/api/v1/batches", json={"name": "令和8年11月分 建設業許可通知書"}, headers=_auth(key)
@@ -253,6 +287,14 @@ def test_batch_through_the_api(
         assert len(records) == 5
         assert {r.channel for r in records} == {"batch"}
         assert {r.signed_by for r in records} == {signer.id}
+    # the batch.finished webhook, signed with the endpoint's secret, reaches the receiver once
+    assert len(deliver_webhooks(sessions).delivered) == 1
+    assert deliver_webhooks(sessions).attempted == 0
+    [event] = webhook_events
+    assert event["type"] == "batch.finished"
+    assert event["data"]["batch_id"] == batch_id
+    assert (event["data"]["done"], event["data"]["failed"]) == (5, 2)
+    assert event["data"]["archive_url"] == f"{PUBLIC_URL}/api/v1/batches/{batch_id}/archive"
 
 
 def test_retry_after_failures_and_cancel(

@@ -72,6 +72,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         services,
         template_views,
         verify_views,
+        webhook_views,
     )
 
     i18n.init_app(app)
@@ -90,6 +91,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(contract_views.bp)
     app.register_blueprint(party_views.bp)
     app.register_blueprint(template_views.bp)
+    app.register_blueprint(webhook_views.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api_batches.bp)
     app.register_blueprint(api_contracts.bp)

@@ -1129,6 +1129,111 @@ def scheduler(settings: Settings, loglevel: str) -> None:
                f"--schedule={settings.home.resolve() / 'celerybeat-schedule'}"])
 
 
+@cli.group("webhooks")
+def webhooks_group() -> None:
+    """Outgoing webhooks: endpoints that are told when contracts and batches finish."""
+
+
+def _event_names(values: Sequence[str]) -> list[str]:
+    return [part for value in values for part in value.replace(",", " ").split() if part]
+
+
+@webhooks_group.command("add")
+@click.argument("url")
+@click.option("--event", "events", multiple=True, required=True, metavar="TYPE",
+              help="Event type to send (repeat, or comma-separated): batch.finished, "
+              "contract.completed, contract.declined, contract.expired.")
+@click.option("--description", default="", help="What the endpoint is, e.g. the system's name.")
+@click.pass_obj
+@refusals_exit_1
+def webhooks_add(settings: Settings, url: str, events: tuple[str, ...], description: str) -> None:
+    """Register an endpoint and print its signing secret once."""
+    import contracts
+
+    _upgrade_database(settings)
+    with _sessions(settings) as sessions, contracts.session_scope(sessions) as session:
+        endpoint, secret = contracts.create_endpoint(
+            session, url, events=_event_names(events), description=description
+        )
+        summary = f"{endpoint.id} {endpoint.url} ({endpoint.events.replace(' ', ',')})"
+    click.echo(f"Webhook の送信先を登録しました: {summary}")
+    # stdout only, never the log: this is the one place the secret is ever shown
+    click.echo(f"署名用シークレット(この一度だけ表示します。受信側に設定してください): {secret}")
+
+
+@webhooks_group.command("list")
+@click.pass_obj
+@refusals_exit_1
+def webhooks_list(settings: Settings) -> None:
+    """List the endpoints: ID, state, event types, URL, description (never the secret)."""
+    import contracts
+
+    _upgrade_database(settings)
+    with _sessions(settings) as sessions, sessions() as session:
+        endpoints = contracts.list_endpoints(session)
+        counts = contracts.webhooks.delivery_counts(session)
+    if not endpoints:
+        click.echo("Webhook の送信先はありません。")
+        return
+    for endpoint in endpoints:
+        state = "active" if endpoint.active else "disabled"
+        mine = counts.get(endpoint.id, {})
+        queue = f"pending={mine.get('pending', 0)} failed={mine.get('failed', 0)}"
+        click.echo(
+            f"{endpoint.id}\t{state}\t{endpoint.events.replace(' ', ',')}\t{endpoint.url}\t"
+            f"{queue}\t{endpoint.description}"
+        )
+
+
+def _set_webhook_active(settings: Settings, endpoint_id: int, active: bool) -> None:
+    import contracts
+
+    _upgrade_database(settings)
+    with _sessions(settings) as sessions, contracts.session_scope(sessions) as session:
+        endpoint = contracts.set_endpoint_active(session, endpoint_id, active)
+        url = endpoint.url
+    verb = "有効にしました" if active else "停止しました"
+    click.echo(f"Webhook の送信先 {endpoint_id} を{verb}: {url}")
+
+
+@webhooks_group.command("disable")
+@click.argument("endpoint_id", type=int)
+@click.pass_obj
+@refusals_exit_1
+def webhooks_disable(settings: Settings, endpoint_id: int) -> None:
+    """Stop sending to an endpoint (its pending deliveries wait until it is enabled)."""
+    _set_webhook_active(settings, endpoint_id, False)
+
+
+@webhooks_group.command("enable")
+@click.argument("endpoint_id", type=int)
+@click.pass_obj
+@refusals_exit_1
+def webhooks_enable(settings: Settings, endpoint_id: int) -> None:
+    """Send to a disabled endpoint again, including what waited meanwhile."""
+    _set_webhook_active(settings, endpoint_id, True)
+
+
+@webhooks_group.command("deliver")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Send at most this many deliveries.")
+@click.pass_obj
+@refusals_exit_1
+def webhooks_deliver(settings: Settings, limit: int) -> None:
+    """Send the webhook deliveries that are due, once (e.g. from cron; `koin serve` does it
+    itself). Failed ones are retried later; the exit code is 0 all the same."""
+    import contracts
+
+    _upgrade_database(settings)
+    with _sessions(settings) as sessions:
+        report = contracts.deliver_webhooks(sessions, limit=limit)
+    click.echo(
+        f"Webhook を配信しました: {len(report.delivered)} 件"
+        + (f"、再試行待ち {len(report.retrying)} 件" if report.retrying else "")
+        + (f"、失敗(打ち切り) {len(report.failed)} 件" if report.failed else "")
+    )
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
@@ -1155,6 +1260,7 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
         app = create_app({"KOIN_DEV_MODE": dev_mode})
         with app.app_context():
             worker = contracts.MailWorker(services.session_factory(), transport, sender=sender)
+            webhooks = contracts.WebhookWorker(services.session_factory())
             # Reminders, expiry and unfinished completions (what `koin jobs run-due` does).
             jobs = (
                 contracts.JobWorker(
@@ -1184,7 +1290,7 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
             click.echo(f"koin: 開発用メールボックス {dev_server.folder} (SMTP {dev_server.url})",
                        err=True)
         click.echo(f"koin: http://{host}:{port}/ (Ctrl-C で終了)", err=True)
-        with worker:
+        with worker, webhooks:
             for periodic in (jobs, batches):
                 if periodic is not None:
                     periodic.start()

@@ -535,7 +535,10 @@ def decline_submit(token: str) -> Response | tuple[str, int]:
                 problem = _say(f"理由は {MAX_REASON_CHARS} 文字以内にしてください。",
                                f"Please keep the reason within {MAX_REASON_CHARS} characters.")
             elif request.form.get("confirm") == "yes":
-                contracts.decline(db, found.party_id, reason, **_client())
+                contracts.decline(
+                    db, found.party_id, reason,
+                    public_url=current_app.config["KOIN_PUBLIC_URL"], **_client(),
+                )
     except (LinkAlreadyUsed, AlreadyResponded):
         return redirect(url_for(".done", token=token), 303)
     except WorkflowError as exc:

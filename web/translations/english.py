@@ -438,6 +438,69 @@ ENGLISH = {
     "役割 %(role)s が必要": "needs the role %(role)s",
     "API キーを作る": "Create API key",
     "あなたの役割では作れる API キーがありません。": "Your roles allow no API key.",
+    # webhooks (admin pages)
+    "Webhook": "Webhooks",
+    "一括署名の完了": "Batch finished",
+    "契約の締結": "Contract completed",
+    "契約の不同意": "Contract declined",
+    "契約の期限切れ": "Contract expired",
+    "配信待ち": "Pending",
+    "配信済み": "Delivered",
+    "失敗": "Failed",
+    "配信中": "Active",
+    "停止中": "Disabled",
+    "配信履歴": "Deliveries",
+    "配信": "Delivery",
+    "送信先": "Endpoint",
+    "すべての送信先": "All endpoints",
+    "すべての状態": "All states",
+    "絞り込む": "Filter",
+    "イベント": "Event",
+    "イベント ID": "Event ID",
+    "試行": "Attempts",
+    "最後": "last",
+    "最後の応答": "Last answer",
+    "次の試行": "Next attempt",
+    "配信日時": "Delivered at",
+    "再配信": "Redeliver",
+    "同じ配信 ID で、もう一度送信します。": "Sends it again with the same delivery ID.",
+    "新しい順に最大 100 件を表示しています。": "Showing the 100 most recent.",
+    "条件に合う配信はありません。": "No deliveries match.",
+    "本文": "Body",
+    "新しい送信先": "New endpoint",
+    "URL": "URL",
+    "http:// または https://。リダイレクトはたどりません。": (
+        "http:// or https://. Redirects are not followed."
+    ),
+    "説明": "Description",
+    "文書管理システム": "Document management system",
+    "通知するイベント": "Events to send",
+    "登録すると、署名用シークレットを一度だけ表示します。": (
+        "The signing secret is shown once, after registering."
+    ),
+    "登録する": "Register",
+    "登録": "Registered",
+    (
+        "契約の締結・不同意・期限切れや一括署名の完了を、文書管理システムや RPA に HTTP POST で"
+        "通知します。各リクエストには送信先ごとのシークレットによる署名が付きます。"
+    ): (
+        "Tells document management systems and RPA by HTTP POST when contracts are completed, "
+        "declined or expired and when signing batches finish. Every request is signed with "
+        "the endpoint's own secret."
+    ),
+    "署名用シークレット(この画面でのみ表示)": "Signing secret (shown on this page only)",
+    (
+        "送信先の受信側に、次のシークレットを設定してください。この画面を離れると二度と表示"
+        "できません。分からなくなったときは、送信先を登録し直してください。"
+    ): (
+        "Configure this secret at the receiving end. It cannot be shown again once you leave "
+        "this page; if it is lost, register the endpoint again."
+    ),
+    "コマンドライン": "command line",
+    "停止する": "Disable",
+    "再開する": "Enable",
+    "送信先はまだありません。": "No endpoints yet.",
+    "(説明なし)": "(no description)",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
