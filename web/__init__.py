@@ -63,6 +63,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         api,
         api_batches,
         auth,
+        batch_views,
         contract_views,
         i18n,
         party_views,
@@ -89,6 +90,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(template_views.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api_batches.bp)
+    app.register_blueprint(batch_views.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views
 
