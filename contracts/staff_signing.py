@@ -108,13 +108,15 @@ def sign_for_staff(
     )
 
 
-def signed_copy(session: Session, home: Path, document_id: str, user: User) -> tuple[
-        bytes, SignedDocument]:
+def signed_copy(
+    session: Session, home: Path, document_id: str, user: User, *, now: dt.datetime | None = None
+) -> tuple[bytes, SignedDocument]:
     """The kept copy of a document signed on the signing page, for ``user``: its bytes and
     its record.
 
     :raises DocumentNotFound: no such document, not signed on the page, someone else's (unless
-        ``user`` is an administrator), no longer kept, or changed since it was signed.
+        ``user`` is an administrator), no longer kept (older than :data:`COPY_TTL`), or
+        changed since it was signed.
     """
     canonical = normalize_document_id(document_id)
     record = get_document(session, canonical) if canonical else None
@@ -124,6 +126,8 @@ def signed_copy(session: Session, home: Path, document_id: str, user: User) -> t
         raise DocumentNotFound(document_id[:40])
     path = _copy_path(home, record.document_id)
     try:
+        if path.stat().st_mtime < (aware_utc(now) - COPY_TTL).timestamp():
+            raise DocumentNotFound(record.document_id)
         data = path.read_bytes()
     except OSError:
         raise DocumentNotFound(record.document_id) from None

@@ -43,7 +43,7 @@ from contracts.history import (
     history_signers,
     search_signed_documents,
 )
-from contracts.staff_signing import purge_signed_copies
+from contracts.staff_signing import purge_signed_copies, signed_copy
 from signer import Installation, new_document_id
 from signer.samples import make_permit_pdf
 from tests.conftest import PUBLIC_URL
@@ -227,6 +227,11 @@ def test_one_pdf_is_signed_at_once_and_recorded_as_web(
     copy.write_bytes(signed)
     assert client.get(f"/sign/{doc_id}/file").status_code == 200
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=25)
+    with session_scope(sessions) as session, pytest.raises(contracts.DocumentNotFound):
+        user = contracts.get_user(session, users[SIGNER])
+        assert user is not None
+        signed_copy(session, home, doc_id, user, now=later)
+    assert purge_signed_copies(home) == 0
     assert purge_signed_copies(home, now=later) == 1
     assert client.get(f"/sign/{doc_id}/file").status_code == 404
 

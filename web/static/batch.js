@@ -61,6 +61,8 @@
     setText("total", p.total);
     setText("count-done", p.done);
     setText("count-failed", p.failed);
+    var failedCount = byId("count-failed");
+    if (failedCount) failedCount.classList.toggle("zero", p.failed === 0);
     setText("count-waiting", p.waiting + p.running);
     setText("filter-all", p.total);
     ["done", "failed", "waiting", "running"].forEach(function (s) { setText("filter-" + s, p[s]); });
