@@ -87,7 +87,7 @@ from .documents import get_document, record_signed_document
 from .errors import BatchNotFound, InvalidBatchData, InvalidBatchState
 from .mail import retry_delay
 from .models import SigningChannel
-from .templates import require_template, sign_options
+from .templates import require_template, template_options
 from .webhooks import WebhookEvent, batch_finished_data, enqueue_event
 
 __all__ = [
@@ -261,7 +261,11 @@ def _home_file(home: Path, relative: str) -> Path:
     return home / path
 
 
-def _checked_file_name(file_name: str) -> str:
+def checked_file_name(file_name: str) -> str:
+    """The name a batch keeps for an uploaded file: its last path part, stripped.
+
+    :raises InvalidBatchData: empty, too long, or with control characters.
+    """
     name = file_name.replace("\\", "/").rsplit("/", 1)[-1].strip()
     if not name or len(name) > MAX_FILE_NAME or any(ord(ch) < 32 for ch in name):
         raise InvalidBatchData(
@@ -407,7 +411,11 @@ def _lock_batch(session: Session, batch: Batch) -> Batch:
     return locked
 
 
-def _checked_data(data: bytes) -> bytes:
+def checked_data(data: bytes) -> bytes:
+    """``data`` if a batch may hold it.
+
+    :raises InvalidBatchData: empty, or larger than :data:`MAX_INPUT_BYTES`.
+    """
     if not data or len(data) > MAX_INPUT_BYTES:
         raise InvalidBatchData(
             "data",
@@ -430,7 +438,7 @@ def add_documents(
     :raises InvalidBatchData: an empty or over-long file name, an empty or too large file
         (nothing of ``files`` is added then).
     """
-    checked = [(_checked_file_name(name), _checked_data(data)) for name, data in files]
+    checked = [(checked_file_name(name), checked_data(data)) for name, data in files]
     if not checked:
         return []
     batch = _lock_batch(session, batch)
@@ -787,13 +795,9 @@ def _prepare_many(
                 continue
             if row.batch_id not in options_of:
                 batch = session.get_one(Batch, row.batch_id)
-                if batch.template is not None:
-                    template = require_template(session, batch.template, active=False)
-                    options = sign_options(template, public_url=public_url or "")
-                    if not public_url:
-                        options = replace(options, verify_base_url=None)
-                else:
-                    options = SignOptions(verify_base_url=public_url)
+                options = template_options(
+                    session, batch.template, public_url=public_url, active=False
+                )
                 options_of[row.batch_id] = (batch, options)
             batch, options = options_of[row.batch_id]
             document_id = row.document_id

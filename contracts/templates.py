@@ -14,6 +14,7 @@ import enum
 import math
 import re
 import unicodedata
+from dataclasses import replace
 from typing import Literal
 
 from sqlalchemy import Boolean, CheckConstraint, Float, String, false, func, select, true
@@ -366,3 +367,20 @@ def sign_options(
         document_id=document_id,
         verify_base_url=public_url if template.qr else None,
     )
+
+
+def template_options(
+    session: Session, name: str | None, *, public_url: str | None, active: bool = True
+) -> SignOptions:
+    """The signing options of the stamp template ``name``, or of the standard stamp (bottom
+    right, with the verification QR code when ``public_url`` is given) when None. Without a
+    ``public_url`` no QR code is printed.
+
+    :param active: refuse a deactivated template (a batch made before keeps its template).
+    :raises TemplateNotFound: ``name`` does not name a (an active) template.
+    """
+    if name is None:
+        return SignOptions(verify_base_url=public_url or None)
+    options = sign_options(require_template(session, name, active=active),
+                           public_url=public_url or "")
+    return options if public_url else replace(options, verify_base_url=None)

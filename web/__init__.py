@@ -65,6 +65,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         api_contracts,
         apikey_views,
         auth,
+        batch_views,
         contract_views,
         i18n,
         party_views,
@@ -96,6 +97,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api_batches.bp)
     app.register_blueprint(api_contracts.bp)
     app.register_blueprint(apikey_views.bp)
+    app.register_blueprint(batch_views.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views
 

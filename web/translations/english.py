@@ -501,6 +501,114 @@ ENGLISH = {
     "再開する": "Enable",
     "送信先はまだありません。": "No endpoints yet.",
     "(説明なし)": "(no description)",
+    # signing staff's pages (web/batch_views.py, templates sign*.html, batch*.html,
+    # history.html, _batch_labels.html, base.html)
+    "署名する": "Sign",
+    "一括署名": "Batch signing",
+    "署名履歴": "Signing history",
+    "一括署名の一覧": "Signing batches",
+    "署名中": "Signing",
+    "待機中": "Waiting",
+    "署名済み": "Signed",
+    "署名画面": "Sign page",
+    "REST API": "REST API",
+    "電子契約(立会人署名)": "Contract (witness signature)",
+    "標準の印影": "Standard stamp",
+    "標準の印影(右下・QR コード付き)": "Standard stamp (bottom right, with QR code)",
+    (
+        "許可書・通知書などの PDF に、茨城県知事の職責で電子署名します。"
+        "PDF が 1 件ならすぐに署名してダウンロードできます。"
+        "複数の PDF や ZIP は一括署名になり、進み具合を確認できます。"
+    ): (
+        "Signs PDFs such as permits and notices with the Governor of Ibaraki's position key. "
+        "A single PDF is signed at once and can be downloaded; several PDFs or ZIP files "
+        "become a batch whose progress you can follow."
+    ),
+    "取り込まなかったファイル": "Files not taken",
+    "ここに PDF または ZIP をドロップするか、クリックして選択してください": (
+        "Drop PDF or ZIP files here, or click to choose them"
+    ),
+    "複数選択できます。合計 %(size)s まで。": (
+        "You can choose several files; up to %(size)s in all."
+    ),
+    "一括署名の名前(任意)": "Batch name (optional)",
+    "例: 令和8年11月分 建設業許可通知書": "e.g. Construction permit notices, November 2026",
+    "複数のファイルを送るときの一覧での名前です。": (
+        "The name shown in the list when you send several files."
+    ),
+    "送信しています…": "Uploading…",
+    "署名しました": "Signed",
+    "署名済み PDF をダウンロード": "Download the signed PDF",
+    "この画面からのダウンロードは %(hours)s 時間有効です。署名の記録は署名履歴に残ります。": (
+        "The download on this page is kept for %(hours)s hours; the record stays in the "
+        "signing history."
+    ),
+    "検証ページ": "Verification page",
+    "続けて署名する": "Sign another",
+    "サーバーに接続できません。自動で再接続します…": (
+        "Cannot reach the server; trying again automatically…"
+    ),
+    "件 処理済み": "processed",
+    "進み具合": "Progress",
+    "残り": "Remaining",
+    "署名が進むとこの画面は自動で更新されます。": "This page updates itself as signing proceeds.",
+    "5 秒ごとにページを再読み込みして更新します。": "The page reloads itself every 5 seconds.",
+    "今すぐ更新": "Update now",
+    "すべてダウンロード (ZIP)": "Download all (ZIP)",
+    "署名済みのファイルと一覧表 (manifest.csv) をまとめてダウンロードします。": (
+        "Downloads the signed files and the list (manifest.csv) in one ZIP."
+    ),
+    "失敗したファイルを再試行": "Retry the failed files",
+    (
+        "PDF として読めないファイルは、再試行しても失敗します。元のファイルを直してから新しく"
+        "署名してください。"
+    ): (
+        "Files that cannot be read as PDFs fail again; fix the original file and sign it anew."
+    ),
+    "失敗したファイルをもう一度署名します": "Sign the failed files once more",
+    "再試行する": "Retry",
+    "一括署名を取り消す": "Cancel the batch",
+    "まだ署名していないファイルは署名されません。署名済みのファイルはそのまま残ります。": (
+        "Files not yet signed will not be signed; the files signed so far remain."
+    ),
+    "この一括署名を取り消します": "Cancel this batch",
+    "アップロード時に取り込まなかったファイル": "Files not taken at upload",
+    "ファイル": "Files",
+    "再試行待ち": "Will retry",
+    "ファイル名": "File name",
+    "文書番号・理由": "Document ID or reason",
+    "該当するファイルはありません。": "No files match.",
+    "管理者として、すべての職員の一括署名を表示しています。": (
+        "As an administrator you see the batches of all staff."
+    ),
+    "一括署名はまだありません。「署名する」から複数の PDF か ZIP を送ると一括署名になります。": (
+        "There are no batches yet. Sending several PDFs or a ZIP on the Sign page makes one."
+    ),
+    "管理者として、この署名サービスで署名したすべての文書を表示しています。": (
+        "As an administrator you see every document this service has signed."
+    ),
+    "あなたが署名した文書(署名画面・一括署名・API)です。": (
+        "The documents you signed (sign page, batches, API)."
+    ),
+    "文書番号・ファイル名・SHA-256": "Document ID, file name or SHA-256",
+    "絞り込み": "Filters",
+    "署名日(から)": "Signed from",
+    "署名日(まで)": "Signed until",
+    "署名の経路": "Channel",
+    "署名した職員": "Signed for",
+    "条件をクリア": "Clear",
+    "%(total)s 件中 %(first)s〜%(last)s 件": "%(first)s–%(last)s of %(total)s",
+    "文書": "Document",
+    "署名日時・職員": "Signed at, for",
+    "印影・経路": "Stamp, channel",
+    "(サーバー・契約)": "(server or contract)",
+    "条件に合う文書はありません。": "No documents match.",
+    "署名した文書はまだありません。": "Nothing has been signed yet.",
+    "署名が終わりました。": "Signing has finished.",
+    "ダウンロードする": "Download",
+    "失敗したファイルの理由は下の一覧にあります。": (
+        "The reasons for the failed files are listed below."
+    ),
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
