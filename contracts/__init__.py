@@ -99,6 +99,7 @@ from .errors import (
     LinkExpired,
     LinkInvalid,
     LoginFailed,
+    LtaFileError,
     MailError,
     NotYourTurn,
     PartyLocked,
@@ -109,6 +110,19 @@ from .errors import (
     WorkflowError,
 )
 from .jobs import JobWorker
+from .lta import (
+    CopyMatch,
+    LtaFile,
+    LtaKind,
+    LtaPolicy,
+    LtaRenewal,
+    LtaReport,
+    LtaWorker,
+    chain_head_tokens,
+    check_copy,
+    list_due,
+    renew_due,
+)
 from .mail import (
     DeliveryReport,
     MailTransport,
@@ -341,4 +355,17 @@ __all__ = [
     "verify_chain",
     "verify_code",
     "visible_to",
+    # long-term validity (contracts.lta)
+    "CopyMatch",
+    "LtaFile",
+    "LtaFileError",
+    "LtaKind",
+    "LtaPolicy",
+    "LtaRenewal",
+    "LtaReport",
+    "LtaWorker",
+    "chain_head_tokens",
+    "check_copy",
+    "list_due",
+    "renew_due",
 ]

@@ -79,6 +79,7 @@ from signer import (
     verify_pdf,
 )
 
+from . import lta
 from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcnow
 from ._periodic import PeriodicWorker
 from .accounts import User, UserRole, has_role
@@ -872,6 +873,10 @@ def _mark_done(
                 template=job.template,
                 channel=SigningChannel.BATCH,
             )
+        lta.register_stored_file(
+            session, lta.LtaKind.BATCH_DOCUMENT, job.output_relative, signed.sha256,
+            document_id=job.document_id, now=moment,
+        )
 
 
 def _release(

@@ -45,6 +45,7 @@ __all__ = [
     "DuplicateDocument",
     "InvalidAccountData",
     "LoginFailed",
+    "LtaFileError",
     "UserExists",
 ]
 
@@ -484,3 +485,13 @@ class MailError(ContractsError):
     """A message could not be handed to the mail server, or the mail settings are unusable
     (``KOIN_SMTP_URL``, ``KOIN_MAIL_FROM``). Fields: ``server`` (URL without password) and
     ``reason`` (the server's answer) where known; never credentials."""
+
+
+# -- long-term validity ------------------------------------------------------------------------
+
+
+class LtaFileError(ContractsError):
+    """A stored signed file cannot be kept at long-term validity right now: it is missing or
+    was changed outside koin, or the TSA would not make the renewal worth anything (its
+    certificate expires within the renewal margin, or it uses an algorithm configured as
+    weak). ``reason`` says which; the renewal is tried again later."""
