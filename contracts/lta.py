@@ -107,6 +107,7 @@ __all__ = [
     "list_due",
     "lta_file_of_document",
     "register_contract",
+    "register_existing",
     "register_stored_file",
     "renew_due",
 ]
@@ -398,6 +399,55 @@ def register_contract(
     except LtaError:
         log.warning("chain-head token of contract %s cannot be read", contract.public_id)
     _insert_ignoring_duplicates(session, values)
+
+
+def register_existing(sessions: sessionmaker[Session], *, limit: int = 500) -> int:
+    """Register stored files that have no row yet (stored before this registry existed): done
+    batch documents and completed contracts, at most ``limit`` of each per call. Returns how
+    many were registered."""
+    from .batches import BatchDocument  # batches registers its files here: import late
+
+    registered = 0
+    with session_scope(sessions) as session:
+        documents = session.execute(
+            select(BatchDocument.output_path, BatchDocument.output_sha256,
+                   BatchDocument.document_id)
+            .where(
+                BatchDocument.state == "done",
+                BatchDocument.output_path.is_not(None),
+                BatchDocument.output_sha256.is_not(None),
+                ~select(LtaFile.id).where(
+                    LtaFile.kind == LtaKind.BATCH_DOCUMENT.value,
+                    LtaFile.path == BatchDocument.output_path,
+                ).exists(),
+            )
+            .order_by(BatchDocument.id)
+            .limit(limit)
+        ).all()
+        for path, sha256, document_id in documents:
+            register_stored_file(session, LtaKind.BATCH_DOCUMENT, str(path), str(sha256),
+                                 document_id=document_id)
+            registered += 1
+        contracts = session.scalars(
+            select(Contract)
+            .where(
+                Contract.status == "completed",
+                Contract.final_path.is_not(None),
+                Contract.chain_head_timestamp.is_not(None),
+                ~select(LtaFile.id).where(
+                    LtaFile.kind == LtaKind.CONTRACT_FINAL.value,
+                    LtaFile.contract_id == Contract.id,
+                ).exists(),
+            )
+            .order_by(Contract.id)
+            .limit(limit)
+        ).all()
+        for contract in contracts:
+            register_contract(session, contract)
+            registered += 1
+    if registered:
+        log.info("LTA: registered %d stored file(s) that had no record yet", registered)
+    return registered
 
 
 # -- queries ------------------------------------------------------------------------------------
@@ -1083,8 +1133,9 @@ def renew_due(
     now: dt.datetime | None = None,
     clock: Callable[[], dt.datetime] | None = None,
 ) -> LtaReport:
-    """Claim up to ``limit`` due files and renew each (see the module docstring). A file
-    that fails is given back with its reason and a back-off; the others go on.
+    """Register stored files that have no record yet (:func:`register_existing`), then claim
+    up to ``limit`` due files and renew each (see the module docstring). A file that fails is
+    given back with its reason and a back-off; the others go on.
 
     :param now: the time to decide what is due and to record (tests move it); the TSA's
         time is the TSA's.
@@ -1094,6 +1145,7 @@ def renew_due(
     moment = aware_utc(now)
     run = _Run(sessions, installation, policy, tsa_urls, owner,
                clock or (lambda: moment if now is not None else utcnow()))
+    register_existing(sessions)
     ids = claim_due(sessions, owner=owner, limit=limit, policy=policy, now=moment)
     report = LtaReport(claimed=len(ids))
     for file_id in ids:

@@ -31,7 +31,7 @@ from flask.testing import FlaskClient
 from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign.validation import validate_pdf_signature, validate_pdf_timestamp
 from pyhanko.sign.validation.dss import DocumentSecurityStore
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import keys
@@ -720,3 +720,23 @@ def test_registration_is_idempotent_and_checked(
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(LtaFile)) == 1
         assert session.scalar(select(func.count()).select_from(SignedDocument)) == 1
+
+
+def test_files_stored_before_the_registry_are_registered_by_the_renewer(
+    sessions: sessionmaker[Session],
+    installation: Installation,
+    user_id: int,
+    permit_pdf: bytes,
+    officer: int,  # noqa: F811
+) -> None:
+    [document] = _sign_batch(sessions, installation, user_id, 1)
+    contract_id = _create(sessions, installation, officer, permit_pdf)
+    _all_consent(sessions, contract_id)
+    assert complete_contract(sessions, contract_id, installation) is CompletionOutcome.COMPLETED
+    with session_scope(sessions) as session:  # as if stored before this feature existed
+        session.execute(delete(LtaFile))
+    report = renew_due(sessions, installation)
+    assert report.failed == [] and len(report.renewed) == 2  # batch output, contract final
+    kinds = sorted(row.kind for row in _rows(sessions))
+    assert kinds == ["batch_document", "chain_head_token", "contract_final"]
+    assert inspect_lta((installation.home / str(document.output_path)).read_bytes()).is_lta
