@@ -447,11 +447,13 @@ ENGLISH = {
     "証拠パッケージ (ZIP)": "Evidence package (ZIP)",
     "長期検証": "Long-term validation",
     "PAdES B-LTA、タイムスタンプの有効期限": "PAdES B-LTA, timestamp valid until",
-    "最終更新": "last renewed",
+    "(最終更新 %(when)s)": " (last renewed %(when)s)",
     "検証情報とタイムスタンプを追加する処理を待っています": (
         "Waiting for validation data and a timestamp to be added"
     ),
-    "検証情報と文書タイムスタンプを追加しました": "Validation data and a document timestamp added",
+    "検証情報と文書タイムスタンプを追加しました(%(when)s)": (
+        "Validation data and a document timestamp added (%(when)s)"
+    ),
     "現在保管している版の SHA-256": "SHA-256 of the version kept now",
     "お手元の PDF は、この文書番号で署名された文書です。": (
         "Your PDF is the document signed under this number."
