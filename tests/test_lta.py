@@ -18,7 +18,9 @@ import datetime as dt
 import hashlib
 import io
 import re
+import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,7 +81,7 @@ from signer import (
 from signer.samples import make_permit_pdf
 from tests.conftest import PUBLIC_URL
 from tests.lta_homes import rotate_tsa, short_lived_installation
-from tests.servers import closed_port_url
+from tests.servers import closed_port_url, free_port, koin_process
 from tests.test_workflow import _all_consent, _contract, _create, officer  # noqa: F401
 from tests.validators import make_nss_db, openssl, pdfsig, pdfsig_signatures
 from timestamp import TimestampError, TsaClient
@@ -740,3 +742,21 @@ def test_files_stored_before_the_registry_are_registered_by_the_renewer(
     kinds = sorted(row.kind for row in _rows(sessions))
     assert kinds == ["batch_document", "chain_head_token", "contract_final"]
     assert inspect_lta((installation.home / str(document.output_path)).read_bytes()).is_lta
+
+
+def test_koin_serve_keeps_stored_files_at_b_lta(
+    sessions: sessionmaker[Session], db_url: str, koin_home: Path, tmp_path: Path, user_id: int
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(koin_home, home)
+    installation = Installation(home, public_url=PUBLIC_URL)
+    [document] = _sign_batch(sessions, installation, user_id, 1)
+    port = free_port()
+    env = {"KOIN_DATABASE_URL": db_url, "KOIN_LTA_INTERVAL": "1", "KOIN_DEV_SMTP_PORT": "0"}
+    with koin_process(home, "serve", "--port", str(port), port=port, env=env):
+        deadline = time.monotonic() + 60
+        while _rows(sessions)[0].renewals == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+    [row] = _rows(sessions)
+    assert row.renewals == 1 and row.lease_owner is None
+    assert inspect_lta((home / str(document.output_path)).read_bytes()).is_lta
