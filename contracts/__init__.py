@@ -102,6 +102,7 @@ from .errors import (
     LinkExpired,
     LinkInvalid,
     LoginFailed,
+    LtaFileError,
     MailError,
     NotYourTurn,
     PartyLocked,
@@ -115,6 +116,19 @@ from .errors import (
     WorkflowError,
 )
 from .jobs import JobWorker
+from .lta import (
+    CopyMatch,
+    LtaFile,
+    LtaKind,
+    LtaPolicy,
+    LtaRenewal,
+    LtaReport,
+    LtaWorker,
+    chain_head_tokens,
+    check_copy,
+    list_due,
+    renew_due,
+)
 from .mail import (
     DeliveryReport,
     MailTransport,
@@ -393,4 +407,17 @@ __all__ = [
     "require_endpoint",
     "set_endpoint_active",
     "verify_webhook_signature",
+    # long-term validity (contracts.lta)
+    "CopyMatch",
+    "LtaFile",
+    "LtaFileError",
+    "LtaKind",
+    "LtaPolicy",
+    "LtaRenewal",
+    "LtaReport",
+    "LtaWorker",
+    "chain_head_tokens",
+    "check_copy",
+    "list_due",
+    "renew_due",
 ]

@@ -79,6 +79,7 @@ from signer import (
 )
 from timestamp import TimestampError
 
+from . import lta
 from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcnow
 from ._durable import stage_file, sync_filesystem
 from ._periodic import PeriodicWorker
@@ -945,6 +946,10 @@ def _mark_done(
                     template=job.template,
                     channel=SigningChannel.BATCH,
                 )
+            lta.register_stored_file(
+                session, lta.LtaKind.BATCH_DOCUMENT, job.output_relative, signed.sha256,
+                document_id=job.document_id, now=moment,
+            )
 
 
 def _release(

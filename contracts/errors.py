@@ -45,6 +45,7 @@ __all__ = [
     "DuplicateDocument",
     "InvalidAccountData",
     "LoginFailed",
+    "LtaFileError",
     "UserExists",
     "InvalidWebhookData",
     "InvalidWebhookState",
@@ -564,3 +565,11 @@ class WebhookSignatureInvalid(WebhookError):
         message, message_en = self._TEXT[reason]
         super().__init__(message, message_en, reason=reason)
         self.reason = reason
+# -- long-term validity ------------------------------------------------------------------------
+
+
+class LtaFileError(ContractsError):
+    """A stored signed file cannot be kept at long-term validity right now: it is missing or
+    was changed outside koin, or the TSA would not make the renewal worth anything (its
+    certificate expires within the renewal margin, or it uses an algorithm configured as
+    weak). ``reason`` says which; the renewal is tried again later."""

@@ -84,6 +84,7 @@ from signer import (
 )
 
 from . import _contract_mails as mails
+from . import lta
 from ._db import aware_utc, rowcount, session_scope, utcnow
 from .accounts import User, UserRole
 from .audit import EventData, append_event, chain_head
@@ -1959,6 +1960,7 @@ def _finish(
         page_count=final.page_count,
         channel=SigningChannel.CONTRACT,
     )
+    lta.register_contract(session, contract, now=moment)
     session.flush()
     link_expiry = moment + DOWNLOAD_LINK_LIFETIME
     for party in list_parties(session, contract):

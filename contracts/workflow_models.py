@@ -149,6 +149,9 @@ class EventKind(StrEnum):
     COMPLETED = "completed"
     CHAIN_TIMESTAMPED = "chain_timestamped"
     DOWNLOADED = "downloaded"
+    #: Long-term validity kept up (``contracts.lta``): a new document timestamp on the final
+    #: PDF, or a new token over the previous chain-head token.
+    ARCHIVE_TIMESTAMPED = "archive_timestamped"
 
 
 def _one_of(column: str, values: type[StrEnum]) -> str:

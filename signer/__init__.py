@@ -11,6 +11,15 @@ from ._docid import is_document_id, new_document_id
 from ._era import JST, format_japanese_datetime, japanese_era_year
 from ._installation import InitReport, Installation
 from ._isolation import verify_pdf_isolated
+from ._lta import (
+    LtaResult,
+    LtaState,
+    TimestampFacts,
+    WeakAlgorithms,
+    extend_lta,
+    inspect_lta,
+    timestamp_facts,
+)
 from ._sign import (
     Placement,
     SignatureLevel,
@@ -36,6 +45,7 @@ from .errors import (
     AlreadySignedPdfError,
     EncryptedPdfError,
     InvalidPdfError,
+    LtaError,
     PlacementError,
     SigningError,
     StampAssetError,
@@ -85,4 +95,13 @@ __all__ = [
     "japanese_era_year",
     "new_document_id",
     "sign_pdf",
+    # long-term validity (B-LTA renewal)
+    "LtaError",
+    "LtaResult",
+    "LtaState",
+    "TimestampFacts",
+    "WeakAlgorithms",
+    "extend_lta",
+    "inspect_lta",
+    "timestamp_facts",
 ]

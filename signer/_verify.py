@@ -422,9 +422,10 @@ def verify_pdf(source: bytes | Path, policy: VerifyPolicy) -> Report:
     except Exception as exc:
         raise _unreadable(exc) from exc
     classifier = _RevisionClassifier(reader)
+    archive = _build_archive(reader, data, fields, policy, dss)
     for index, (name, _value, field_ref) in enumerate(fields, start=1):
         report, emb = _verify_one(
-            reader, data, index, name, field_ref, policy, dss, total, now, classifier
+            reader, data, index, name, field_ref, policy, dss, total, now, classifier, archive
         )
         signature_reports.append(report)
         embedded.append((report, emb))
@@ -536,6 +537,7 @@ def _verify_one(
     total: int,
     now: dt.datetime,
     classifier: _RevisionClassifier,
+    archive: _Archive,
 ) -> tuple[SignatureReport, EmbeddedPdfSignature | None]:
     report = SignatureReport(
         index=index, kind="signature", field_name=name, indication=Indication.PASSED,
@@ -578,22 +580,11 @@ def _verify_one(
         return report, emb
 
     try:
-        status = _validate(emb, report.kind, policy.validation_context(dss))
-        poe = _proven_time(status)
-        if _out_of_bounds(status) and poe is not None and report.signer is not None and (
-            report.signer.not_before <= poe <= report.signer.not_after
-        ):
-            # The certificate is out of bounds now, but a verified timestamp proves the
-            # signature existed while it was valid: validate the chain as of that time
-            # (EN 319 102-1 past signature validation, the timestamp as proof of existence).
-            past = _validate(
-                emb, report.kind, policy.validation_context(dss, poe, retroactive_revinfo=True)
-            )
-            if past.trust_problem_indic is None and past.intact and past.valid:
-                report.details.append(
-                    f"validated as of {poe.isoformat()}, the time proven by its timestamp"
-                )
-                status = past
+        status = archive.current.get(name) or _validate(
+            emb, report.kind, policy.validation_context(dss)
+        )
+        if _needs_proof_of_existence(status):
+            status = _past_validation(emb, report, status, policy, dss, archive)
     except SignatureValidationError as exc:
         report.details.append(f"validation error: {exc}")
         sub = _from_ades(exc.ades_subindication) or SubIndication.FORMAT_FAILURE
@@ -630,6 +621,150 @@ _OUT_OF_BOUNDS = ("OUT_OF_BOUNDS_NO_POE", "OUT_OF_BOUNDS_NOT_REVOKED", "EXPIRED"
 def _out_of_bounds(status: PdfSignatureStatus | TimestampSignatureStatus) -> bool:
     indic = status.trust_problem_indic
     return indic is not None and getattr(indic, "name", "") in _OUT_OF_BOUNDS
+
+
+def _needs_proof_of_existence(status: PdfSignatureStatus | TimestampSignatureStatus) -> bool:
+    """The certificate of the signature, or of its signature timestamp, is out of bounds now
+    (expired, typically) while everything else checks out."""
+    if not (status.intact and status.valid):
+        return False
+    if _out_of_bounds(status):
+        return True
+    if isinstance(status, PdfSignatureStatus):
+        tst = status.timestamp_validity
+        return tst is not None and tst.intact and tst.valid and _out_of_bounds(tst)
+    return False
+
+
+def _fully_valid(status: PdfSignatureStatus | TimestampSignatureStatus) -> bool:
+    if not (status.intact and status.valid) or status.trust_problem_indic is not None:
+        return False
+    if isinstance(status, PdfSignatureStatus):
+        tst = status.timestamp_validity
+        return tst is None or (tst.intact and tst.valid and tst.trust_problem_indic is None)
+    return True
+
+
+@dataclass
+class _Archive:
+    """Times proven by the chain of document timestamps, the evidence record of PAdES
+    (EN 319 102-1 §5.6.3): a document timestamp that validates now proves that everything it
+    covers existed at its time; an older one, validated as of a time proven by a later one,
+    proves its own time in turn. A timestamp never proves its own time."""
+
+    #: ``(0-based signed revision, proven time)`` of each document timestamp established.
+    proven: list[tuple[int, dt.datetime]] = field(default_factory=list)
+    #: Current-time validation of each document timestamp, by field name (done once).
+    current: dict[str, TimestampSignatureStatus] = field(default_factory=dict)
+
+    def poe_for(self, revision: int) -> dt.datetime | None:
+        """The earliest proven time of a document timestamp that covers ``revision`` (one
+        that signs a later revision), or None."""
+        return min((time for signed, time in self.proven if signed > revision), default=None)
+
+
+def _build_archive(
+    reader: PdfFileReader,
+    data: bytes,
+    fields: Sequence[tuple[str, Any, Any]],
+    policy: VerifyPolicy,
+    dss: DocumentSecurityStore | None,
+) -> _Archive:
+    """Establish the document timestamps' times, newest first (see :class:`_Archive`).
+    Anything unreadable or invalid simply proves nothing; its own verdict comes later."""
+    stamps: list[tuple[str, EmbeddedPdfSignature]] = []
+    for name, _value, field_ref in fields:
+        try:
+            field_dict = field_ref.get_object()
+            sig_object = field_dict["/V"].get_object()
+            if not isinstance(sig_object, DictionaryObject) or not (
+                sig_object.get("/Type") == "/DocTimeStamp"
+                or sig_object.get("/SubFilter") == "/ETSI.RFC3161"
+            ):
+                continue
+            if _byte_range_problem(sig_object, data):
+                continue
+            stamps.append((name, EmbeddedPdfSignature(reader, field_dict, name)))
+        except Exception:
+            continue
+    archive = _Archive()
+    for name, emb in sorted(stamps, key=lambda pair: pair[1].signed_revision, reverse=True):
+        try:
+            status = _validate(emb, "document_timestamp", policy.validation_context(dss))
+            assert isinstance(status, TimestampSignatureStatus)
+            archive.current[name] = status
+            if emb.evaluate_signature_coverage().name not in ("ENTIRE_FILE", "ENTIRE_REVISION"):
+                continue
+            if _fully_valid(status):
+                archive.proven.append((emb.signed_revision, status.timestamp))
+                continue
+            later = archive.poe_for(emb.signed_revision)
+            if later is None or not _needs_proof_of_existence(status):
+                continue
+            past = _validate(
+                emb, "document_timestamp",
+                policy.validation_context(dss, later, retroactive_revinfo=True),
+            )
+            assert isinstance(past, TimestampSignatureStatus)
+            if _fully_valid(past) and past.timestamp <= later + SIGNING_TIME_TOLERANCE:
+                archive.proven.append((emb.signed_revision, past.timestamp))
+        except Exception:  # it proves nothing; _verify_one gives it its verdict
+            continue
+    return archive
+
+
+def _past_validation(
+    emb: EmbeddedPdfSignature,
+    report: SignatureReport,
+    status: PdfSignatureStatus | TimestampSignatureStatus,
+    policy: VerifyPolicy,
+    dss: DocumentSecurityStore | None,
+    archive: _Archive,
+) -> PdfSignatureStatus | TimestampSignatureStatus:
+    """Validate as of a time when the signature provably existed (EN 319 102-1 past
+    signature validation), if a certificate is out of bounds now: the time proven by the
+    signature's own timestamp (if that validates now), else the earliest time proven by the
+    document timestamps after it — and, when the signer's certificate had expired by then, the
+    time of its own timestamp, validated as of that proven time. A timestamp never proves
+    its own time. Returns ``status`` unchanged if no proof helps."""
+    signer = report.signer
+
+    def within(moment: dt.datetime) -> bool:
+        return signer is None or signer.not_before <= moment <= signer.not_after
+
+    def as_of(moment: dt.datetime) -> PdfSignatureStatus | TimestampSignatureStatus:
+        context = policy.validation_context(dss, moment, retroactive_revinfo=True)
+        return _validate(emb, report.kind, context)
+
+    own = _proven_time(status) if report.kind == "signature" else None
+    if own is not None and within(own):
+        past = as_of(own)
+        if _fully_valid(past):
+            report.details.append(
+                f"validated as of {own.isoformat()}, the time proven by its timestamp"
+            )
+            return past
+    archived = archive.poe_for(emb.signed_revision)
+    if archived is None:
+        return status
+    past = as_of(archived)
+    if _fully_valid(past):
+        report.details.append(
+            f"validated as of {archived.isoformat()}, the time proven by the document "
+            "timestamps after it"
+        )
+        return past
+    earlier = _proven_time(past) if report.kind == "signature" else None
+    if earlier is not None and earlier < archived and within(earlier):
+        past = as_of(earlier)
+        if _fully_valid(past):
+            report.details.append(
+                f"validated as of {earlier.isoformat()}, the time proven by its timestamp "
+                f"(itself validated as of {archived.isoformat()}, proven by the document "
+                "timestamps after it)"
+            )
+            return past
+    return status
 
 
 def _text(value: Any) -> str | None:

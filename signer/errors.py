@@ -7,6 +7,7 @@ from keys.errors import KoinError
 __all__ = [
     "VerifyInputError",
     "InvalidPdfError",
+    "LtaError",
     "EncryptedPdfError",
     "AlreadySignedPdfError",
     "PlacementError",
@@ -34,6 +35,12 @@ class AlreadySignedPdfError(SigningError):
 
 class PlacementError(SigningError):
     """The page number or stamp box does not fit the document."""
+
+
+class LtaError(SigningError):
+    """A signed PDF or time-stamp token cannot be brought to or kept at long-term validity
+    (no signature in it, a token that cannot be read, a weak-algorithm setting that cannot be
+    understood). ``reason`` names the cause."""
 
 
 class StampAssetError(SigningError):

@@ -1281,6 +1281,18 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
                     lease=dt.timedelta(seconds=settings.batch_lease),
                 )
                 services.attach_batch_worker(batches)
+            # Long-term validity of the stored signed files (what `koin lta renew` does).
+            lta = (
+                contracts.LtaWorker(
+                    services.session_factory(), services.installation(),
+                    policy=contracts.LtaPolicy.from_settings(
+                        settings.lta_margin_days, settings.lta_weak_algorithms
+                    ),
+                    tsa_urls=settings.tsa_urls, interval=settings.lta_interval,
+                )
+                if settings.lta_interval > 0
+                else None
+            )
         if dev_server is None:
             click.echo(f"koin: メールの送信先 {transport.url}", err=True)
         elif dev_mode:
@@ -1291,18 +1303,24 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
                        err=True)
         click.echo(f"koin: http://{host}:{port}/ (Ctrl-C で終了)", err=True)
         with worker, webhooks:
-            for periodic in (jobs, batches):
+            for periodic in (jobs, batches, lta):
                 if periodic is not None:
                     periodic.start()
             try:
                 app.run(host=host, port=port, threaded=True, use_reloader=False)
             finally:
-                for periodic in (jobs, batches):
+                for periodic in (jobs, batches, lta):
                     if periodic is not None:
                         periodic.stop()
     finally:
         if dev_server is not None:
             dev_server.stop()
+
+
+from ._cli_lta import evidence_group, lta_group  # noqa: E402  (they use the helpers above)
+
+cli.add_command(lta_group)
+cli.add_command(evidence_group)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

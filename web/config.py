@@ -99,3 +99,17 @@ class Settings:
     batch_queue: str = field(
         default_factory=lambda: os.environ.get("KOIN_BATCH_QUEUE", "").strip() or "koin.batches"
     )
+    #: Long-term validity: renew a stored file this many days before its newest timestamp's
+    #: TSA certificate expires.
+    lta_margin_days: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_LTA_MARGIN_DAYS", "").strip() or 365)
+    )
+    #: Algorithms no longer trusted (e.g. ``sha1,rsa1024``): timestamps using them are renewed.
+    lta_weak_algorithms: str = field(
+        default_factory=lambda: os.environ.get("KOIN_LTA_WEAK_ALGORITHMS", "").strip()
+    )
+    #: Seconds between two rounds of the long-term renewal inside ``koin serve``; 0 = not
+    #: in-process (run ``koin lta renew`` from cron instead).
+    lta_interval: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_LTA_INTERVAL", "").strip() or 3600)
+    )

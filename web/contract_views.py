@@ -57,6 +57,8 @@ from contracts import (
     Identification,
     InvalidContractData,
     InvalidContractState,
+    LtaFile,
+    LtaKind,
     Party,
     PartyRole,
     PartySpec,
@@ -65,6 +67,7 @@ from contracts import (
     User,
     UserRole,
     cancel_contract,
+    chain_head_tokens,
     contract_file,
     create_contract,
     list_events,
@@ -479,6 +482,7 @@ def _detail_page(
         parties = list_parties(db, contract)
         events = list_events(db, contract)
         check = verify_chain(db, contract)
+        lta = _lta_status(db, contract)
     by_id = {party.id: party for party in parties}
     shown_codes = [
         (party, codes[party.position]) for party in parties if codes and party.position in codes
@@ -503,8 +507,35 @@ def _detail_page(
         has_final=contract.contract_status is ContractStatus.COMPLETED
         and contract.final_path is not None,
         past_deadline=contract.expires_at <= moment,
+        lta=lta,
     )
     return page, status
+
+
+@dataclass(frozen=True)
+class LtaStatus:
+    """Long-term validity of a completed contract's final PDF, for its page."""
+
+    renewed_at: dt.datetime | None  # last document timestamp added by the renewer
+    valid_until: dt.datetime | None  # expiry of the newest timestamp's TSA certificate
+    renewals: int
+    tokens: int  # timestamps over the chain head (the first one and its renewals)
+
+
+def _lta_status(db: Session, contract: Contract) -> LtaStatus | None:
+    if contract.contract_status is not ContractStatus.COMPLETED:
+        return None
+    final = db.scalars(
+        select(LtaFile).where(
+            LtaFile.contract_id == contract.id, LtaFile.kind == LtaKind.CONTRACT_FINAL.value
+        )
+    ).one_or_none()
+    if final is None:
+        return None
+    return LtaStatus(
+        final.renewed_at, final.tsa_not_after, final.renewals,
+        len(chain_head_tokens(db, contract)),
+    )
 
 
 @bp.get("/<public_id>")
@@ -691,4 +722,38 @@ def audit_json(public_id: str) -> Response:
         headers={
             "Content-Disposition": f'attachment; filename="audit-{contract.public_id}.json"'
         },
+    )
+
+
+@bp.get("/<public_id>/evidence.zip")
+@login_required(UserRole.OFFICER)
+def evidence_zip(public_id: str) -> Response | tuple[str, int]:
+    """The evidence package (ZIP): both PDFs, the audit chain as JSON Lines, the chain-head
+    timestamps, certificates, CRLs and VERIFY.md with the commands that check it offline.
+
+    :raise 404: no such contract (or another officer's), or it is not completed.
+    :raise 500: a stored file is missing or unreadable.
+    """
+    from contracts import CompletionError
+    from contracts.evidence import build_evidence_package
+
+    with services.session_factory()() as db:
+        contract = _owned(db, public_id, _user())
+        if contract.contract_status is not ContractStatus.COMPLETED:
+            return page_error(
+                404,
+                "証拠パッケージは締結済みの契約についてのみ作成できます。",
+                "An evidence package exists only for a completed contract.",
+            )
+        try:
+            package = build_evidence_package(
+                db, _home(), contract, services.installation().trust_material()
+            )
+        except CompletionError as exc:
+            log.error("evidence package of contract %s: %s", public_id, exc.message_en)
+            return page_error(500, exc.message, exc.message_en)
+    log.info("evidence package of contract %s downloaded by user %s", public_id, _user().id)
+    return send_file(
+        io.BytesIO(package.data), mimetype="application/zip", as_attachment=True,
+        download_name=package.file_name, max_age=0,
     )

@@ -7,6 +7,8 @@ import hashlib
 from flask import Blueprint, current_app, render_template
 from werkzeug.exceptions import RequestEntityTooLarge
 
+import contracts
+from contracts.lta import lta_file_of_document
 from signer import Report, VerifyInputError, verify_pdf_isolated
 
 from . import services
@@ -71,7 +73,7 @@ def document(doc_id: str) -> str | tuple[str, int]:
             f"文書番号 {doc_id} の記録はありません。番号をご確認ください。",
             f"No document with ID {doc_id} was signed here. Check the number.",
         )
-    return render_template("document.html", record=record)
+    return render_template("document.html", record=record, lta=_lta_record(record.document_id))
 
 
 @bp.post("/verify/<doc_id>")
@@ -84,16 +86,38 @@ def document_check(doc_id: str) -> str | tuple[str, int]:
     record = services.find_document(doc_id)
     if record is None:
         return document(doc_id)
+    lta = _lta_record(record.document_id)
     try:
         data, file_name = uploaded_pdf()
-        matches = hashlib.sha256(data).hexdigest() == record.sha256
+        copy = _check_copy(record, data)
         report = run_verification(data)
     except RequestEntityTooLarge:
         return _too_large()
     except VerifyInputError as exc:
         return page_error(
-            exc.status, exc.message, exc.message_en, template="document.html", record=record
+            exc.status, exc.message, exc.message_en, template="document.html", record=record,
+            lta=lta,
         )
     return render_template(
-        "document.html", record=record, report=report, matches=matches, file_name=file_name
+        "document.html", record=record, report=report, matches=copy.matches, copy=copy.value,
+        file_name=file_name, lta=lta,
     )
+
+
+def _check_copy(record: contracts.SignedDocument, data: bytes) -> contracts.CopyMatch:
+    """Whether ``data`` is this document: as signed, or as kept since with long-term
+    validation data appended (see :func:`contracts.check_copy`)."""
+    if hashlib.sha256(data).hexdigest() == record.sha256:
+        return contracts.CopyMatch.SIGNED
+    with contracts.session_scope(services.session_factory()) as session:
+        return contracts.check_copy(session, services.installation().home, record, data)
+
+
+def _lta_record(document_id: str) -> contracts.LtaFile | None:
+    """The long-term record of the stored file, once it has been renewed (else None)."""
+    with contracts.session_scope(services.session_factory()) as session:
+        row = lta_file_of_document(session, document_id)
+        if row is None or row.renewed_at is None:
+            return None
+        session.expunge(row)
+        return row

@@ -609,6 +609,36 @@ ENGLISH = {
     "失敗したファイルの理由は下の一覧にあります。": (
         "The reasons for the failed files are listed below."
     ),
+    # long-term validity and evidence packages (contract page, verify page)
+    "長期検証のためのタイムスタンプ": "Timestamp for long-term validation",
+    "PDF、監査ログ、タイムスタンプ、証明書と、オフラインで検証する手順(VERIFY.md)": (
+        "PDFs, audit log, timestamps, certificates and the steps to check them offline "
+        "(VERIFY.md)"
+    ),
+    "証拠パッケージ (ZIP)": "Evidence package (ZIP)",
+    "長期検証": "Long-term validation",
+    "PAdES B-LTA、タイムスタンプの有効期限": "PAdES B-LTA, timestamp valid until",
+    "(最終更新 %(when)s)": " (last renewed %(when)s)",
+    "検証情報とタイムスタンプを追加する処理を待っています": (
+        "Waiting for validation data and a timestamp to be added"
+    ),
+    "検証情報と文書タイムスタンプを追加しました(%(when)s)": (
+        "Validation data and a document timestamp added (%(when)s)"
+    ),
+    "現在保管している版の SHA-256": "SHA-256 of the version kept now",
+    "お手元の PDF は、この文書番号で署名された文書です。": (
+        "Your PDF is the document signed under this number."
+    ),
+    "署名後に本サービスが長期検証のための検証情報と文書タイムスタンプを追加した版で、"
+    "署名された内容は同一です。": (
+        "It is the version to which this service added validation data and a document "
+        "timestamp for long-term validation after signing; what was signed is identical."
+    ),
+    "本サービスが保管している版の先頭部分と一致します(長期検証のための情報を追加する前の版)。"
+    "署名された内容は同一です。": (
+        "It matches the beginning of the version this service keeps (a version from before "
+        "long-term validation data was added); what was signed is identical."
+    ),
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
