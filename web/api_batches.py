@@ -121,6 +121,12 @@ def _refusals_as_json(view: F) -> F:
             return view(*args, **kwargs)
         except (contracts.BatchError, contracts.TemplateError) as exc:
             return _refusal(exc)
+        except _BadArgument as exc:
+            return api_error(
+                400, f"invalid_{exc.name}",
+                f"{exc.name} は {exc.low}〜{exc.high} の整数にしてください。",
+                f"{exc.name} must be a whole number from {exc.low} to {exc.high}.",
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -166,10 +172,11 @@ def _values() -> dict[str, Any] | None:
 
 @bp.get("")
 @require_api_key(ApiScope.SIGN)
+@_refusals_as_json
 def list_all() -> ResponseReturnValue:
     """The key owner's batches (an administrator's: everyone's), newest first;
     ``limit`` (≤ 500) and ``offset``."""
-    limit, offset = _int_arg("limit", 50), _int_arg("offset", 0)
+    limit, offset = _int_arg("limit", 50, 1, 500), _int_arg("offset", 0, 0, MAX_OFFSET)
     user = api_user()
     with contracts.session_scope(services.session_factory()) as session:
         mine = None if contracts.has_role(user, contracts.UserRole.ADMIN) else user.id
@@ -178,11 +185,26 @@ def list_all() -> ResponseReturnValue:
     return jsonify(body)
 
 
-def _int_arg(name: str, default: int) -> int:
-    try:
-        return max(0, int(request.args.get(name, default)))
-    except ValueError:
+MAX_OFFSET = 1_000_000_000
+
+
+class _BadArgument(Exception):
+    def __init__(self, name: str, low: int, high: int) -> None:
+        super().__init__(name)
+        self.name, self.low, self.high = name, low, high
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    """The query argument ``name`` as a whole number from ``low`` to ``high``.
+
+    :raises _BadArgument: it is something else.
+    """
+    text = request.args.get(name)
+    if text is None:
         return default
+    if not (text.isascii() and text.isdigit() and len(text) <= 10 and low <= int(text) <= high):
+        raise _BadArgument(name, low, high)
+    return int(text)
 
 
 @bp.get("/<public_id>")
@@ -384,7 +406,7 @@ def documents(public_id: str) -> ResponseReturnValue:
                 400, "invalid_state_filter", f"state は {names} のいずれかです。",
                 f"state must be one of {names}.",
             )
-    limit, offset = _int_arg("limit", 100), _int_arg("offset", 0)
+    limit, offset = _int_arg("limit", 100, 1, 1000), _int_arg("offset", 0, 0, MAX_OFFSET)
     with contracts.session_scope(services.session_factory()) as session:
         batch = contracts.batch_of_user(session, public_id, api_user())
         rows = contracts.list_documents_page(
