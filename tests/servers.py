@@ -66,12 +66,16 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
 def koin_process(
     home: Path, *args: str, port: int, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``koin ARGS`` (a server) as a real process until the block ends."""
+    """Run ``koin ARGS`` (a server) as a real process until the block ends. Its output goes to
+    ``HOME/koin-<command>-<port>.log`` (a file, not a pipe: a pipe nobody reads would block a
+    server that logs a lot)."""
     koin = Path(sys.executable).parent / "koin"
     env = {**os.environ, "KOIN_HOME": str(home), **(env or {})}
-    process = subprocess.Popen(
-        [str(koin), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    log_path = home / f"koin-{args[0] if args else 'process'}-{port}.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [str(koin), *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         wait_for_port(port, process)
         yield process
@@ -82,8 +86,6 @@ def koin_process(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stderr:
-            process.stderr.close()
 
 
 class CollectedMail:
