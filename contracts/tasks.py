@@ -1,6 +1,6 @@
 """Celery on Redis (``KOIN_BROKER_URL``): batch signing spread over worker processes.
 
-Two tasks:
+Tasks:
 
 * ``koin.batches.sign(ids)`` claims those batch documents that are still due (a copy of a
   task that arrives twice, or late, finds them claimed or done and does nothing) and signs
@@ -8,6 +8,11 @@ Two tasks:
 * ``koin.batches.reconcile()``, sent by the scheduler (``koin worker`` embeds it; ``koin
   scheduler`` runs it alone) every ``reconcile_interval`` seconds: expired leases back to
   waiting, finished batches marked, due documents queued (see :mod:`contracts.batch_queue`).
+* the other periodic work, also sent by the scheduler, so that the web tier (gunicorn) runs
+  no background threads in the many-machine layout: ``koin.mail.deliver`` (the outbox, to
+  ``KOIN_SMTP_URL``), ``koin.contracts.run_due`` (reminders, expiry, unfinished
+  completions), ``koin.webhooks.deliver`` and ``koin.lta.renew``. Each claims its work in the
+  database, so running them beside ``koin serve``'s threads, or twice, is safe.
 
 Messages are acknowledged when a task starts (``acks_late`` off): a worker that dies while
 signing loses the message, not the document; its lease expires and the reconciler queues the
@@ -85,21 +90,41 @@ class WorkerConfig:
     chunk: int = DEFAULT_CHUNK
     #: Broker queue of this installation's tasks (several installations may share a Redis).
     queue: str = BATCH_QUEUE
+    #: Outgoing mail server and sender; None: no mail task (mail stays queued).
+    smtp_url: str | None = None
+    mail_from: str | None = None
+    #: Seconds between runs of the periodic tasks; 0 leaves one out of the schedule.
+    mail_interval: float = 10.0
+    jobs_interval: float = 60.0
+    webhooks_interval: float = 10.0
+    lta_interval: float = 3600.0
+    lta_margin_days: float = 365.0
+    lta_weak_algorithms: str = ""
 
 
 def configure(broker_url: str, config: WorkerConfig) -> Celery:
     """Point :data:`celery_app` at ``broker_url`` and this installation (before a worker or
     the scheduler starts, or before the web process sends tasks)."""
+    periodic = {
+        "koin.batches.reconcile": config.reconcile_interval,
+        "koin.mail.deliver": config.mail_interval if config.smtp_url else 0,
+        "koin.contracts.run_due": config.jobs_interval,
+        "koin.webhooks.deliver": config.webhooks_interval,
+        "koin.lta.renew": config.lta_interval,
+    }
     celery_app.conf.update(
         broker_url=broker_url,
         task_default_queue=config.queue,
         koin=asdict(config),
         beat_schedule={
-            "koin-batches-reconcile": {
-                "task": "koin.batches.reconcile",
-                "schedule": config.reconcile_interval,
-                "options": {"expires": config.reconcile_interval, "queue": config.queue},
-            },
+            name: {
+                "task": name,
+                "schedule": interval,
+                # a round that could not run in time is dropped; the next one does its work
+                "options": {"expires": interval, "queue": config.queue},
+            }
+            for name, interval in periodic.items()
+            if interval > 0
         },
     )
     return celery_app
@@ -175,6 +200,62 @@ def reconcile_task() -> int:
     """One round of the reconciler (see :func:`contracts.batch_queue.reconcile_and_queue`)."""
     process = _this_process()
     return CeleryExecutor(process.sessions, process.config).reconcile()
+
+
+@celery_app.task(name="koin.mail.deliver")
+def deliver_mail_task() -> int:
+    """Send the queued mail that is due; how many were sent."""
+    from .mail import SmtpTransport, deliver_due
+
+    process = _this_process()
+    if not process.config.smtp_url:
+        log.warning("mail task without KOIN_SMTP_URL: mail stays queued")
+        return 0
+    report = deliver_due(
+        process.sessions, SmtpTransport.from_url(process.config.smtp_url),
+        sender=process.config.mail_from,
+    )
+    return len(report.sent)
+
+
+@celery_app.task(name="koin.contracts.run_due")
+def run_due_task() -> int:
+    """Reminders, expiry and unfinished completions of contracts; how many contracts failed."""
+    from .workflow import run_due
+
+    process = _this_process()
+    report = run_due(
+        process.sessions, process.installation, public_url=process.config.public_url,
+        tsa_urls=process.config.tsa_urls,
+    )
+    for public_id, message in report.failed:
+        log.warning("contract %s: %s", public_id, " ".join(message.split()))
+    return len(report.failed)
+
+
+@celery_app.task(name="koin.webhooks.deliver")
+def deliver_webhooks_task() -> int:
+    """POST the webhook deliveries that are due; how many were delivered."""
+    from .webhooks import deliver_webhooks
+
+    return len(deliver_webhooks(_this_process().sessions).delivered)
+
+
+@celery_app.task(name="koin.lta.renew")
+def renew_lta_task() -> int:
+    """Keep stored signed files at B-LTA (a new document timestamp where due); how many
+    were renewed."""
+    from .lta import LtaPolicy, renew_due
+
+    process = _this_process()
+    report = renew_due(
+        process.sessions, process.installation,
+        policy=LtaPolicy.from_settings(
+            process.config.lta_margin_days, process.config.lta_weak_algorithms
+        ),
+        tsa_urls=process.config.tsa_urls,
+    )
+    return len(report.renewed)
 
 
 class CeleryExecutor(BatchExecutor):

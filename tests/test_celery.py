@@ -9,6 +9,7 @@ does not. Each test uses a queue of its own, so that concurrent test runs do not
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 import shutil
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asn1crypto import x509 as asn1_x509
@@ -280,3 +282,51 @@ def test_worker_killed_mid_batch_and_replaced_signs_each_document_once(
     outputs = _check_signed_exactly_once(sessions, home, batch_id, total)
     for path in outputs[:: total // 6]:
         assert pyhanko_status(path.read_bytes(), root_cert).bottom_line
+
+
+@pytest.mark.slow
+def test_the_scheduler_runs_mail_webhooks_and_long_term_renewal_in_the_worker(
+    client: FlaskClient, key: str, worker_env: dict[str, str], sessions: sessionmaker[Session],
+    home: Path, permit: bytes,
+) -> None:
+    """The many-machine layout: no thread in the web tier; the worker's scheduler sends the
+    outbox to SMTP, delivers webhooks and keeps stored files at B-LTA."""
+    from contracts.lta import LtaFile
+    from contracts.webhooks import create_endpoint
+    from tests.servers import smtp_collector, wsgi_server
+
+    received: list[bytes] = []
+
+    def receiver(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        received.append(environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)))
+        start_response("204 No Content", [])
+        return [b""]
+
+    with smtp_collector() as (smtp_url, mail), wsgi_server(receiver) as hook_url:
+        with session_scope(sessions) as session:
+            contracts.enqueue_mail(
+                session, to="kanri@pref.ibaraki.example", subject="一括署名のお知らせ",
+                text="本文", tag="test",
+            )
+            create_endpoint(session, hook_url, events=["batch.finished"])
+        batch_id = _start_batch(client, key, list(numbered_copies(permit, 3)))
+        env = {**worker_env, "KOIN_SMTP_URL": smtp_url, "KOIN_MAIL_INTERVAL": "1",
+               "KOIN_WEBHOOKS_INTERVAL": "1", "KOIN_LTA_INTERVAL": "2"}
+        with koin_worker(env) as worker:
+            _wait(sessions, 3, worker, timeout=300)
+            [message] = mail.wait_for(lambda m: "一括署名" in str(m["Subject"]), timeout=60)
+            deadline = time.monotonic() + 120
+            while not received or not _all_lta(sessions, LtaFile, 3):
+                assert worker.poll() is None
+                assert time.monotonic() < deadline, (received, _counts(sessions))
+                time.sleep(0.5)
+    [event] = [json.loads(body) for body in received]
+    assert event["type"] == "batch.finished" and event["data"]["batch_id"] == batch_id
+    assert str(message["To"]) == "kanri@pref.ibaraki.example"
+
+
+def _all_lta(sessions: sessionmaker[Session], model: Any, count: int) -> bool:
+    """Whether ``count`` stored files have been renewed (brought to B-LTA) at least once."""
+    with sessions() as session:
+        rows = session.scalars(select(model)).all()
+        return len(rows) >= count and all(r.renewals >= 1 for r in rows)

@@ -1064,6 +1064,14 @@ def _worker_config(settings: Settings) -> Any:
         requeue_seconds=settings.batch_requeue,
         reconcile_interval=settings.reconcile_interval,
         queue=settings.batch_queue,
+        smtp_url=settings.smtp_url,
+        mail_from=settings.mail_from,
+        jobs_interval=settings.jobs_interval,
+        lta_interval=settings.lta_interval,
+        lta_margin_days=settings.lta_margin_days,
+        lta_weak_algorithms=settings.lta_weak_algorithms,
+        mail_interval=settings.mail_interval,
+        webhooks_interval=settings.webhooks_interval,
     )
 
 

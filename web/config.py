@@ -113,3 +113,10 @@ class Settings:
     lta_interval: float = field(
         default_factory=lambda: float(os.environ.get("KOIN_LTA_INTERVAL", "").strip() or 3600)
     )
+    #: Seconds between the scheduler's mail and webhook delivery tasks (Celery layout).
+    mail_interval: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_MAIL_INTERVAL", "").strip() or 10)
+    )
+    webhooks_interval: float = field(
+        default_factory=lambda: float(os.environ.get("KOIN_WEBHOOKS_INTERVAL", "").strip() or 10)
+    )
