@@ -1181,7 +1181,10 @@ def _check_sign_link(
         raise LinkExpired()
     if party.locked:
         raise PartyLocked()
-    if not _is_turn(contract, party, list_parties(session, contract)):
+    # (parallel contracts: always the party's turn, no need to read the others)
+    if contract.order is SigningOrder.SEQUENTIAL and not _is_turn(
+        contract, party, list_parties(session, contract)
+    ):
         raise NotYourTurn()
 
 
@@ -1211,12 +1214,20 @@ def _party_link(
 
     :raises LinkInvalid: malformed, unknown, not an invitation link, or another party's.
     """
-    link = _find_link(session, token, LinkPurpose.SIGN)
-    if link.party_id != party_id:
+    if not isinstance(token, str) or not _TOKEN.match(token):
         raise LinkInvalid()
-    party = _reload_party(session, party_id)
-    contract = session.get(Contract, party.contract_id, populate_existing=True)
-    if contract is None:  # pragma: no cover - foreign key
+    # one query for the three rows: every page view of a party comes through here
+    found = session.execute(
+        select(AccessLink, Party, Contract)
+        .join(Party, Party.id == AccessLink.party_id)
+        .join(Contract, Contract.id == Party.contract_id)
+        .where(AccessLink.token_sha256 == _token_digest(token))
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if found is None:
+        raise LinkInvalid()
+    link, party, contract = found
+    if link.purpose != LinkPurpose.SIGN.value or link.party_id != party_id:
         raise LinkInvalid()
     return contract, party, link
 
