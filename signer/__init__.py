@@ -1,5 +1,7 @@
 """PAdES signing core: sign PDFs with a role's key, a visible seal stamp and a timestamp."""
 
+
+from . import _speedups
 from ._agreement import (
     AgreementCertificate,
     AgreementParty,
@@ -105,3 +107,5 @@ __all__ = [
     "inspect_lta",
     "timestamp_facts",
 ]
+
+_speedups.install()  # faster hex strings and name comparisons under pyHanko, same decisions

@@ -1,0 +1,111 @@
+"""Two hot spots of verification in the libraries under pyHanko, made fast without changing
+what they decide (installed once, when :mod:`signer` is imported).
+
+* **Hex strings** (``pyhanko.pdf_utils.generic.read_hex_string_from_stream``): a signature's
+  ``/Contents`` is a hex string of ~20,000 digits, which pyHanko reads one byte and one
+  generator step at a time (about 15 ms per signature). The fast reader takes the bytes up to
+  the closing ``>`` in one read and decodes them with :func:`binascii.unhexlify` when they are
+  only hex digits and PDF whitespace; anything else (a comment, a stray character, the end of
+  the file) is handed to pyHanko's own reader from the same position, so errors and edge
+  cases are exactly pyHanko's.
+* **Names** (``asn1crypto.x509.Name``): path building compares issuer and subject names and
+  files certificates under ``Name.hashable``, each time normalising every attribute (RFC 5280
+  §7.1 string preparation). Both depend on the DER alone, so the normalised form of each
+  name (per RDN: its number of attributes and asn1crypto's own normalised text, which is what
+  asn1crypto compares) is computed once per distinct DER and remembered for the last few
+  thousand names; identical encodings are equal at once.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from typing import Any
+
+from asn1crypto import x509 as asn1_x509
+from pyhanko.pdf_utils import generic
+
+__all__ = ["install"]
+
+_HEX_OR_SPACE = re.compile(rb"[0-9A-Fa-f \n\r\t\f\x00]*")
+_SPACE = b" \n\r\t\f\x00"
+_CHUNK = 1 << 16
+_installed = False
+_original_hex_reader = generic.read_hex_string_from_stream
+_original_name_eq = asn1_x509.Name.__eq__
+_original_name_hashable = asn1_x509.Name.hashable
+
+
+def _read_hex_string(stream: Any) -> Any:
+    start = stream.tell()
+    stream.read(1)  # "<"
+    pieces: list[bytes] = []
+    while True:
+        chunk = stream.read(_CHUNK)
+        if not chunk:  # no ">" before the end: pyHanko says how it is broken
+            stream.seek(start)
+            return _original_hex_reader(stream)
+        end = chunk.find(b">")
+        if end >= 0:
+            pieces.append(chunk[:end])
+            break
+        pieces.append(chunk)
+    body = b"".join(pieces)
+    if not _HEX_OR_SPACE.fullmatch(body):  # a comment or a bad character
+        stream.seek(start)
+        return _original_hex_reader(stream)
+    stream.seek(start + 1 + len(body) + 1)
+    digits = body.translate(None, _SPACE)
+    if len(digits) % 2:
+        digits += b"0"
+    return generic.pdf_string(binascii.unhexlify(digits))
+
+
+_MAX_REMEMBERED = 4096
+_normalised_by_der: dict[bytes, tuple[tuple[int, str], ...]] = {}
+_hashable_by_der: dict[bytes, str] = {}
+
+
+def _remember(table: dict[bytes, Any], der: bytes, value: Any) -> None:
+    if len(table) >= _MAX_REMEMBERED:
+        table.clear()  # a rare full reset is cheaper than bookkeeping an LRU order
+    table[der] = value
+
+
+def _normalised(name: asn1_x509.Name) -> tuple[tuple[int, str], ...]:
+    """Per RDN of ``name``: (number of attributes, normalised attributes) — equal tuples
+    exactly when asn1crypto's RFC 5280 comparison says two names are equal. Computed from the
+    object (its DER may carry a context tag), remembered by its DER."""
+    der = name.dump()
+    found = _normalised_by_der.get(der)
+    if found is None:
+        found = tuple((len(rdn), rdn.hashable) for rdn in name.chosen)
+        _remember(_normalised_by_der, der, found)
+    return found
+
+
+def _name_eq(self: asn1_x509.Name, other: object) -> bool:
+    if not isinstance(other, asn1_x509.Name):
+        return False
+    return self.dump() == other.dump() or _normalised(self) == _normalised(other)
+
+
+def _name_hashable(self: asn1_x509.Name) -> str:
+    der = self.dump()
+    found = _hashable_by_der.get(der)
+    if found is None:
+        found = _original_name_hashable.fget(self)
+        assert isinstance(found, str)
+        _remember(_hashable_by_der, der, found)
+    return found
+
+
+def install() -> None:
+    """Install them (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    generic.read_hex_string_from_stream = _read_hex_string
+    asn1_x509.Name.__eq__ = _name_eq
+    asn1_x509.Name.hashable = property(_name_hashable)
+    _installed = True
