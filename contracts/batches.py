@@ -73,6 +73,7 @@ from signer import (
     SignatureLevel,
     SigningContext,
     SignOptions,
+    UnsignablePdfError,
     VerifyPolicy,
     new_document_id,
     sign_pdf,
@@ -936,9 +937,10 @@ def sign_document(
     an earlier attempt that was never marked is verified and recorded instead of signing
     again. Returns the row's state afterwards (unchanged if the row is not ``owner``'s).
 
-    A file that is not a usable PDF (not a PDF, encrypted, broken, stamp does not fit) fails
-    the document with the signer's reason; any other error (TSA down, database hiccup, …)
-    puts it back to waiting with ``attempts`` + 1 and a back-off (:func:`retry_delay`).
+    A file that is not a usable PDF (not a PDF, encrypted, broken, an existing signature that
+    fails verification, stamp does not fit) fails the document with the signer's reason; any
+    other error (TSA down, database hiccup, …) puts it back to waiting with ``attempts`` + 1
+    and a back-off (:func:`retry_delay`).
 
     :param context: the position key's signing context, loaded once per process.
     :param home: ``KOIN_HOME``, below which the batch's files live.
@@ -967,7 +969,9 @@ def sign_document(
         _mark_done(sessions, job, signed, context, owner=owner, moment=aware_utc(now))
     except _LeaseLost:
         log.warning("batch document %d: lease lost before it was marked done", document_id)
-    except (InvalidPdfError, PlacementError, _InputUnusable, _OutputUnusable) as exc:
+    except (
+        InvalidPdfError, UnsignablePdfError, PlacementError, _InputUnusable, _OutputUnusable
+    ) as exc:
         log.info("batch document %d failed: %s", document_id, exc.message_en)
         _release(sessions, document_id, owner=owner, moment=aware_utc(now), error=exc, final=True)
     except Exception as exc:

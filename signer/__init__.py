@@ -39,6 +39,7 @@ from .errors import (
     PlacementError,
     SigningError,
     StampAssetError,
+    UnsignablePdfError,
     VerifyInputError,
 )
 
@@ -77,6 +78,7 @@ __all__ = [
     "StampAppearance",
     "StampAssetError",
     "TrustMaterial",
+    "UnsignablePdfError",
     "draw_demo_seal",
     "extract_cjk_font",
     "find_system_font",

@@ -50,6 +50,7 @@ from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 from pyhanko.sign.validation.status import PdfSignatureStatus, TimestampSignatureStatus
 from pyhanko_certvalidator import ValidationContext
 
+from ._pdf_input import READ_ERRORS
 from .errors import VerifyInputError
 
 __all__ = [
@@ -495,8 +496,9 @@ def _open(data: bytes, policy: VerifyPolicy) -> PdfFileReader:
     try:
         reader = PdfFileReader(io.BytesIO(data), strict=False, decode_limits=policy.decode_limits)
         encrypted = reader.encrypted
-        reader.root  # noqa: B018  # parse the trailer and catalog now
-    except (PdfError, ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
+        if not isinstance(reader.root, DictionaryObject):  # parse the trailer and catalog now
+            raise PdfError("the document catalog is not a dictionary")
+    except READ_ERRORS as exc:
         raise _unreadable(exc) from exc
     if encrypted:
         raise VerifyInputError(
