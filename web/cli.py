@@ -70,7 +70,12 @@ def refusals_exit_1(func: F) -> F:
 def cli(ctx: click.Context) -> None:
     """koin (公印): electronic seals, signatures and witness-type contracts."""
     ctx.obj = Settings()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # KOIN_LOG_LEVEL (DEBUG, INFO, WARNING …): how much goes to stderr; secrets never do.
+    level = os.environ.get("KOIN_LOG_LEVEL", "").strip().upper()
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _installation(settings: Settings) -> Installation:

@@ -99,3 +99,8 @@ class Settings:
     batch_queue: str = field(
         default_factory=lambda: os.environ.get("KOIN_BATCH_QUEUE", "").strip() or "koin.batches"
     )
+    #: Reverse proxies in front of koin whose X-Forwarded-For / X-Forwarded-Proto headers are
+    #: trusted (client addresses for rate limits and the audit trail); 0 = none.
+    trusted_proxies: int = field(
+        default_factory=lambda: int(os.environ.get("KOIN_TRUSTED_PROXIES", "").strip() or 0)
+    )

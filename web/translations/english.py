@@ -438,6 +438,8 @@ ENGLISH = {
     "役割 %(role)s が必要": "needs the role %(role)s",
     "API キーを作る": "Create API key",
     "あなたの役割では作れる API キーがありません。": "Your roles allow no API key.",
+    # security (rate limits)
+    "しばらくお待ちください": "Please wait a moment",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
