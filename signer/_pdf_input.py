@@ -136,10 +136,11 @@ def check_page_tree(reader: PdfFileReader) -> int:
     """Walk the whole page tree once and return the number of pages.
 
     Refuses what would make pyHanko (or a PDF reader) loop, recurse without end or disagree
-    about which page is which: a cycle, a node listed twice, a child whose ``/Parent`` is not
-    the node listing it, a ``/Count`` that is not the number of pages below the node, more
-    than :data:`MAX_PAGES` pages or :data:`MAX_PAGE_TREE_DEPTH` levels. Every page's content
-    stream is read and decoded, so a lying ``/Length`` or an unknown filter is refused too.
+    about which page is which: a cycle, a node listed twice, a child whose ``/Parent`` names
+    another node than the one listing it, a ``/Count`` that is not the number of pages below
+    the node, more than :data:`MAX_PAGES` pages or :data:`MAX_PAGE_TREE_DEPTH` levels. Every
+    page's content stream is read and decoded, so a lying ``/Length`` or an unknown filter is
+    refused too.
     The walk is iterative: a deep tree cannot exhaust the stack.
 
     :raises InvalidPdfError: the tree is broken (``broken_structure``) or has no pages.
@@ -152,7 +153,9 @@ def check_page_tree(reader: PdfFileReader) -> int:
     if not isinstance(top, generic.IndirectObject):
         raise broken_structure("/Pages of the catalog is not an indirect object")
     top_node = top.get_object()
-    if not isinstance(top_node, generic.DictionaryObject) or top_node.get("/Type") != "/Pages":
+    if not isinstance(top_node, generic.DictionaryObject) or top_node.get(
+        "/Type", "/Pages"
+    ) != "/Pages":
         raise broken_structure("/Pages of the catalog is not a page tree node")
     claimed = top_node.get("/Count")
     if not isinstance(claimed, int) or claimed < 1:
@@ -196,11 +199,14 @@ def check_page_tree(reader: PdfFileReader) -> int:
         kid = kid_ref.get_object()
         if not isinstance(kid, generic.DictionaryObject):
             raise broken_structure(f"page tree entry {kid_ref.idnum} is not a dictionary")
-        parent = kid.raw_get("/Parent") if "/Parent" in kid else None
-        if not isinstance(parent, generic.IndirectObject) or parent.reference != node_ref:
-            raise broken_structure(
-                f"/Parent of page tree entry {kid_ref.idnum} is not the node listing it"
-            )
+        # A missing /Parent is tolerated (readers find the page through the tree); one that
+        # names another node would make readers disagree about inherited attributes.
+        if "/Parent" in kid:
+            parent = kid.raw_get("/Parent")
+            if not isinstance(parent, generic.IndirectObject) or parent.reference != node_ref:
+                raise broken_structure(
+                    f"/Parent of page tree entry {kid_ref.idnum} is not the node listing it"
+                )
         kind = kid.get("/Type")
         if kind == "/Pages":
             if depth >= MAX_PAGE_TREE_DEPTH:

@@ -42,7 +42,8 @@ from tests import attacks
 from tests.hostile import decompression_bomb, password_protected_pdf
 
 __all__ = [
-    "NAMES", "BadPdf", "build_corpus", "minimal_pdf", "raw_pdf", "write_corpus", "xref_stream_pdf",
+    "NAMES", "BadPdf", "build_corpus", "minimal_pdf", "one_page_objects", "page_object", "raw_pdf",
+    "write_corpus", "xref_stream_pdf",
 ]
 
 
@@ -98,7 +99,7 @@ def _stream(data: bytes, extra: bytes = b"", length: int | None = None) -> bytes
     return b"<< /Length %d %s>>\nstream\n" % (declared, extra) + data + b"\nendstream"
 
 
-def _page(extra: bytes = b"", parent: int = 2, resources: bytes | None = None) -> bytes:
+def page_object(extra: bytes = b"", parent: int = 2, resources: bytes | None = None) -> bytes:
     resources = resources or b"<< /Font << /F1 5 0 R >> >>"
     return (
         b"<< /Type /Page /Parent %d 0 R /MediaBox [0 0 595 842] /Contents 4 0 R "
@@ -106,12 +107,12 @@ def _page(extra: bytes = b"", parent: int = 2, resources: bytes | None = None) -
     )
 
 
-def _objects(**override: bytes) -> dict[int, bytes]:
+def one_page_objects(**override: bytes) -> dict[int, bytes]:
     """The five objects of a one-page PDF: catalog, pages, page, content, font."""
     objects = {
         1: b"<< /Type /Catalog /Pages 2 0 R >>",
         2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        3: _page(),
+        3: page_object(),
         4: _stream(_PAGE_CONTENT),
         5: _HELVETICA,
     }
@@ -122,7 +123,7 @@ def _objects(**override: bytes) -> dict[int, bytes]:
 
 def minimal_pdf() -> bytes:
     """A valid one-page PDF (the base every structural defect starts from)."""
-    return raw_pdf(_objects())
+    return raw_pdf(one_page_objects())
 
 
 def xref_stream_pdf(objects: dict[int, bytes], *, corrupt_checksum: bool = False) -> bytes:
@@ -175,6 +176,7 @@ def _structural(permit: bytes) -> list[BadPdf]:
     zipped = io.BytesIO()
     with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("permit.pdf", permit)
+    content = _PAGE_CONTENT
     return [
         BadPdf("empty", b""),
         BadPdf("not-a-pdf-html", b"<!doctype html><html><body>not a pdf</body></html>"),
@@ -185,53 +187,54 @@ def _structural(permit: bytes) -> list[BadPdf]:
         BadPdf("truncated-before-eof", permit[: permit.rindex(b"%%EOF")]),
         BadPdf("garbage-after-eof", permit + b"\n" + b"\x00garbage\xff" * 40_000),
         BadPdf("broken-xref-offset", broken_xref),
-        BadPdf("startxref-beyond-eof", raw_pdf(_objects(), startxref_delta=10_000_000)),
+        BadPdf("startxref-beyond-eof", raw_pdf(one_page_objects(), startxref_delta=10_000_000)),
         BadPdf("xref-rows-garbled", xref_rows),
-        BadPdf("no-xref-table", raw_pdf(_objects(), xref=False)),
+        BadPdf("no-xref-table", raw_pdf(one_page_objects(), xref=False)),
         # found by bench/fuzz_verify.py: zlib.error escaped the reader
-        BadPdf("xref-stream-bad-checksum", xref_stream_pdf(_objects(), corrupt_checksum=True)),
+        BadPdf("xref-stream-bad-checksum",
+               xref_stream_pdf(one_page_objects(), corrupt_checksum=True)),
         BadPdf("trailer-without-root", good.replace(b"/Root 1 0 R ", b"")),
-        BadPdf("root-is-a-number", raw_pdf(_objects(o1=b"42"))),
-        BadPdf("root-refers-to-itself", raw_pdf(_objects(o1=b"1 0 R"))),
-        _readable("pages-refers-to-itself", raw_pdf(_objects(
-            o1=b"<< /Type /Catalog /Pages 6 0 R >>", o6=b"6 0 R"))),
-        BadPdf("root-refers-to-missing-object", raw_pdf(_objects(), root=9)),
-        _readable("zero-pages", raw_pdf(_objects(o2=b"<< /Type /Pages /Kids [] /Count 0 >>"))),
-        _readable("negative-page-count", raw_pdf(_objects(
-            o2=b"<< /Type /Pages /Kids [3 0 R] /Count -5 >>"))),
-        _readable("millions-of-pages-claimed", raw_pdf(_objects(
-            o2=b"<< /Type /Pages /Kids [3 0 R] /Count 5000000 >>"))),
-        _readable("kids-array-of-60000-pages", raw_pdf(_objects(
-            o2=b"<< /Type /Pages /Kids [" + b"3 0 R " * 60_000 + b"] /Count 60000 >>")),
-            note="one page object listed 60,000 times"),
-        _readable("kids-loop", raw_pdf(_objects(
-            o2=b"<< /Type /Pages /Kids [3 0 R 2 0 R] /Count 2 >>"))),
-        _readable("page-is-its-own-parent", raw_pdf(_objects(o3=_page(parent=3)))),
-        _readable("page-tree-two-node-cycle", raw_pdf(_objects(
+        BadPdf("root-is-a-number", _one(o1=b"42")),
+        BadPdf("root-refers-to-itself", _one(o1=b"1 0 R")),
+        _readable("pages-refers-to-itself",
+                  _one(o1=b"<< /Type /Catalog /Pages 6 0 R >>", o6=b"6 0 R")),
+        BadPdf("root-refers-to-missing-object", raw_pdf(one_page_objects(), root=9)),
+        _readable("zero-pages", _one(o2=b"<< /Type /Pages /Kids [] /Count 0 >>")),
+        _readable("negative-page-count", _one(o2=b"<< /Type /Pages /Kids [3 0 R] /Count -5 >>")),
+        _readable("millions-of-pages-claimed",
+                  _one(o2=b"<< /Type /Pages /Kids [3 0 R] /Count 5000000 >>")),
+        _readable("kids-array-of-60000-pages",
+                  _one(o2=b"<< /Type /Pages /Kids [" + b"3 0 R " * 60_000 + b"] /Count 60000 >>"),
+                  note="one page object listed 60,000 times"),
+        _readable("kids-loop", _one(o2=b"<< /Type /Pages /Kids [3 0 R 2 0 R] /Count 2 >>")),
+        _readable("page-is-its-own-parent", _one(o3=page_object(parent=3))),
+        _readable("page-tree-two-node-cycle", _one(
             o2=b"<< /Type /Pages /Kids [6 0 R] /Count 1 >>",
-            o6=b"<< /Type /Pages /Parent 2 0 R /Kids [2 0 R] /Count 1 >>"))),
-        _readable("deeply-nested-arrays", raw_pdf(_objects(
-            o3=_page(b"/KoinDeep " + _nested(50_000, b"[", b"]"))))),
-        _readable("deeply-nested-dictionaries", raw_pdf(_objects(
-            o3=_page(b"/KoinDeep " + _nested(50_000, b"<< /A ", b" >>"))))),
-        BadPdf("nested-catalog", raw_pdf(_objects(
-            o1=b"<< /Type /Catalog /Pages 2 0 R /KoinDeep "
-            + _nested(20_000, b"[<< /K ", b" >>]") + b" >>"))),
-        _readable("stream-length-too-long", raw_pdf(_objects(
-            o4=_stream(_PAGE_CONTENT, length=len(_PAGE_CONTENT) + 5000)))),
-        _readable("stream-length-too-short", raw_pdf(_objects(
-            o4=_stream(_PAGE_CONTENT, length=len(_PAGE_CONTENT) - 30)))),
-        _readable("stream-length-negative", raw_pdf(_objects(
-            o4=_stream(_PAGE_CONTENT, length=-100)))),
-        _readable("unknown-stream-filter", raw_pdf(_objects(
-            o4=_stream(b"\x00\x01garbage", b"/Filter /KoinNoSuchFilter ")))),
-        _readable("missing-mediabox", raw_pdf(_objects(
-            o3=b"<< /Type /Page /Parent 2 0 R /Contents 4 0 R /Resources << >> >>"))),
-        _readable("mediabox-not-numbers", raw_pdf(_objects(
-            o3=_page().replace(b"[0 0 595 842]", b"[(a) /b null 842]")))),
+            o6=b"<< /Type /Pages /Parent 2 0 R /Kids [2 0 R] /Count 1 >>")),
+        _readable("deeply-nested-arrays",
+                  _one(o3=page_object(b"/KoinDeep " + _nested(50_000, b"[", b"]")))),
+        _readable("deeply-nested-dictionaries",
+                  _one(o3=page_object(b"/KoinDeep " + _nested(50_000, b"<< /A ", b" >>")))),
+        BadPdf("nested-catalog", _one(o1=b"<< /Type /Catalog /Pages 2 0 R /KoinDeep "
+                                      + _nested(20_000, b"[<< /K ", b" >>]") + b" >>")),
+        _readable("stream-length-too-long",
+                  _one(o4=_stream(content, length=len(content) + 5000))),
+        _readable("stream-length-too-short", _one(o4=_stream(content, length=len(content) - 30))),
+        _readable("stream-length-negative", _one(o4=_stream(content, length=-100))),
+        _readable("unknown-stream-filter",
+                  _one(o4=_stream(b"\x00\x01garbage", b"/Filter /KoinNoSuchFilter "))),
+        _readable("missing-mediabox", _one(
+            o3=b"<< /Type /Page /Parent 2 0 R /Contents 4 0 R /Resources << >> >>")),
+        _readable("mediabox-not-numbers",
+                  _one(o3=page_object().replace(b"[0 0 595 842]", b"[(a) /b null 842]"))),
         BadPdf("decompression-bomb", decompression_bomb(256 * 1024 * 1024)),
         BadPdf("encrypted-password", password_protected_pdf()),
     ]
+
+
+def _one(**override: bytes) -> bytes:
+    """The one-page PDF with some objects replaced (see :func:`one_page_objects`)."""
+    return raw_pdf(one_page_objects(**override))
 
 
 def _broken_font() -> bytes:
@@ -244,7 +247,7 @@ def _broken_font() -> bytes:
         b"/ItalicAngle 0 /Ascent 1 /Descent 0 /CapHeight 1 /StemV 1 /FontFile2 7 0 R >>"
     )
     program = _stream(b"\x00\x01\x00\x00 this is not a TrueType font", b"/Length1 999999 ")
-    return raw_pdf(_objects(o5=font, o6=descriptor, o7=program))
+    return raw_pdf(one_page_objects(o5=font, o6=descriptor, o7=program))
 
 
 def _broken_image() -> bytes:
@@ -254,8 +257,8 @@ def _broken_image() -> bytes:
         b"/ColorSpace /DeviceRGB /Filter /DCTDecode ",
     )
     content = b"q 200 0 0 200 72 500 cm /Im1 Do Q " + _PAGE_CONTENT
-    return raw_pdf(_objects(
-        o3=_page(resources=b"<< /Font << /F1 5 0 R >> /XObject << /Im1 6 0 R >> >>"),
+    return raw_pdf(one_page_objects(
+        o3=page_object(resources=b"<< /Font << /F1 5 0 R >> /XObject << /Im1 6 0 R >> >>"),
         o4=_stream(content), o6=image,
     ))
 

@@ -35,10 +35,18 @@ from werkzeug.test import EnvironBuilder, TestResponse
 import contracts
 from contracts import BatchWorker, create_api_key, create_user, session_scope
 from contracts.migrate import upgrade
-from signer import Installation, verify_pdf
+from signer import Installation, SignatureLevel, SignOptions, sign_pdf, verify_pdf
 from tests.cli_fork import CliJob, run_jobs
 from tests.conftest import PUBLIC_URL
-from tests.corpus import NAMES, BadPdf, build_corpus
+from tests.corpus import (
+    NAMES,
+    BadPdf,
+    build_corpus,
+    minimal_pdf,
+    one_page_objects,
+    page_object,
+    raw_pdf,
+)
 from web import create_app, services
 
 #: Rate limits out of the way: the corpus is posted from one address in quick succession.
@@ -156,6 +164,37 @@ def test_installed_koin_executable(name: str, corpus: dict[str, BadPdf], corpus_
         forked = cli_runs[name, command]
         assert (done.returncode, done.stderr) == (forked.returncode, forked.stderr)
         assert not out.exists()
+
+
+def _nested_tree() -> bytes:
+    """Two levels of page tree nodes, the MediaBox inherited from the root node."""
+    inherited = page_object().replace(b"/MediaBox [0 0 595 842] ", b"")
+    return raw_pdf({
+        1: b"<< /Type /Catalog /Pages 2 0 R >>",
+        2: b"<< /Type /Pages /Kids [6 0 R 3 0 R] /Count 3 /MediaBox [0 0 595 842] >>",
+        3: inherited,
+        4: b"<< /Length 2 >>\nstream\nq \nendstream",
+        5: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        6: b"<< /Type /Pages /Parent 2 0 R /Kids [7 0 R 8 0 R] /Count 2 >>",
+        7: inherited.replace(b"/Parent 2 0 R", b"/Parent 6 0 R"),
+        8: inherited.replace(b"/Parent 2 0 R", b"/Parent 6 0 R"),
+    })
+
+
+@pytest.mark.parametrize("quirk", ["minimal", "no-parent", "root-without-type", "nested"])
+def test_well_formed_and_tolerated_page_trees_are_signed(
+    quirk: str, installation: Installation
+) -> None:
+    """The page tree checks refuse what is broken, not what is merely unusual."""
+    data = {
+        "minimal": minimal_pdf(),
+        "no-parent": raw_pdf(one_page_objects(o3=page_object().replace(b"/Parent 2 0 R ", b""))),
+        "root-without-type": raw_pdf(one_page_objects(o2=b"<< /Kids [3 0 R] /Count 1 >>")),
+        "nested": _nested_tree(),
+    }[quirk]
+    result = sign_pdf(data, installation.signing_context(), SignOptions(level=SignatureLevel.B_B))
+    assert result.data is not None and result.page == (3 if quirk == "nested" else 1)
+    assert verify_pdf(result.data, installation.verify_policy()).passed
 
 
 # -- the web: verify API, verify page, sign API ------------------------------------------------
