@@ -606,8 +606,12 @@ def _verify_one(
         _failed(report, SubIndication.FORMAT_FAILURE)
         return report, emb
 
-    _apply_status(report, emb, status, now)
-    _classify_changes(classifier, emb, report, total)
+    try:
+        _apply_status(report, emb, status, now)
+        _classify_changes(classifier, emb, report, total)
+    except Exception as exc:  # e.g. a certificate of the path with an impossible date
+        report.details.append(f"cannot evaluate the signature: {type(exc).__name__}: {exc}")
+        _failed(report, SubIndication.FORMAT_FAILURE)
     return report, emb
 
 

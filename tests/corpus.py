@@ -32,6 +32,8 @@ from pathlib import Path
 
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.crypt.pubkey import RecipientEncryptionPolicy
+from pyhanko.pdf_utils.generic import pdf_name
+from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.pdf_utils.writer import PageObject, PdfFileWriter
 
 import keys
@@ -328,7 +330,28 @@ def _signature_attacks(installation: Installation, permit: bytes) -> list[BadPdf
             f"sig-forged-{variant.replace('_', '-')}",
             attacks.add_signature_field(permit, variant, contents=genuine_cms),
         ))
+    out.append(BadPdf("sig-dss-certificate-impossible-date",
+                      _dss_with_impossible_certificate_date(signed, installation)))
     return [BadPdf(b.name, b.data, sign="refused", verify="failed") for b in out]
+
+
+def _dss_with_impossible_certificate_date(signed: bytes, installation: Installation) -> bytes:
+    """A later revision adds a DSS holding the issuing CA's certificate with its notAfter at
+    29 o'clock (found by bench/fuzz_verify.py: describing the chain crashed the verifier)."""
+    [issuing_ca] = keys.load_certificates([installation.home / "pki" / "issuing-ca.pem"])
+    der = issuing_ca.dump()
+    not_after = issuing_ca["tbs_certificate"]["validity"]["not_after"].chosen.dump()
+    hour = 8 if not_after[0] == 0x17 else 10  # UTCTime YYMMDDHH…, GeneralizedTime YYYYMMDDHH…
+    broken = der.replace(not_after, not_after[:hour] + b"29" + not_after[hour + 2 :])
+    writer = IncrementalPdfFileWriter(io.BytesIO(signed), strict=False)
+    certificate = writer.add_object(generic.StreamObject(stream_data=broken))
+    writer.root[pdf_name("/DSS")] = writer.add_object(
+        generic.DictionaryObject({pdf_name("/Certs"): generic.ArrayObject([certificate])})
+    )
+    writer.update_root()
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
 
 
 def _cms_of(signed: bytes) -> bytes:
@@ -362,6 +385,7 @@ NAMES: tuple[str, ...] = (
     "sig-annotation-after-certification", "sig-forged-byte-range-missing",
     "sig-forged-byte-range-empty", "sig-forged-byte-range-null", "sig-forged-contents-missing",
     "sig-forged-contents-empty", "sig-forged-contents-null", "sig-forged-no-signer-info",
+    "sig-dss-certificate-impossible-date",
 )
 
 

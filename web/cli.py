@@ -76,6 +76,11 @@ def cli(ctx: click.Context) -> None:
         level=level if level in logging.getLevelNamesMapping() else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not level:
+        # pyHanko logs every chain or timestamp problem it meets in a signature as a warning
+        # with a traceback; koin's own message or report says what failed (set KOIN_LOG_LEVEL
+        # to see pyHanko's detail).
+        logging.getLogger("pyhanko").setLevel(logging.ERROR)
 
 
 def _installation(settings: Settings) -> Installation:
