@@ -72,6 +72,7 @@ from signer import (
     SignatureLevel,
     SigningContext,
     SignOptions,
+    UnsignablePdfError,
     VerifyPolicy,
     new_document_id,
     sign_pdf,
@@ -1007,7 +1008,9 @@ def _states(sessions: sessionmaker[Session], row_ids: Sequence[int]) -> dict[int
         return {row_id: DocumentState(state) for row_id, state in rows}
 
 
-_FINAL_ERRORS = (InvalidPdfError, PlacementError, _InputUnusable, _OutputUnusable)
+_FINAL_ERRORS = (
+    InvalidPdfError, UnsignablePdfError, PlacementError, _InputUnusable, _OutputUnusable
+)
 
 
 def sign_documents(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import re
 import secrets
 import threading
@@ -107,6 +108,12 @@ class DevMailServer:
         if self._thread is not None:
             raise RuntimeError("the development mail server is already running")
         self.folder.mkdir(parents=True, exist_ok=True)
+        # aiosmtpd logs every line of every message at DEBUG ("DATA readline: …"): mail bodies
+        # carry party links and one-time codes, which must never reach a log. Its INFO lines
+        # (peers, commands) stay.
+        aiosmtpd_log = logging.getLogger("mail.log")
+        if aiosmtpd_log.level < logging.INFO:  # unset or DEBUG
+            aiosmtpd_log.setLevel(logging.INFO)
         loop = asyncio.new_event_loop()
         handler = _FileHandler(self.folder)
 

@@ -51,6 +51,7 @@ from .errors import (
     PlacementError,
     SigningError,
     StampAssetError,
+    UnsignablePdfError,
     VerifyInputError,
 )
 
@@ -89,6 +90,7 @@ __all__ = [
     "StampAppearance",
     "StampAssetError",
     "TrustMaterial",
+    "UnsignablePdfError",
     "draw_demo_seal",
     "extract_cjk_font",
     "find_system_font",

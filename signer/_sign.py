@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -20,7 +21,6 @@ from typing import BinaryIO
 from asn1crypto import crl as asn1_crl
 from asn1crypto import x509 as asn1_x509
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
-from pyhanko.pdf_utils.misc import PdfError
 from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign import fields, signers
 from pyhanko.sign.fields import MDPPerm, SigFieldSpec, SigSeedSubFilter
@@ -35,10 +35,22 @@ from pyhanko_certvalidator.errors import PathBuildingError, PathValidationError
 from ._cms_template import TemplateSigner
 from ._docid import new_document_id
 from ._era import format_japanese_datetime
-from ._pdf_input import open_for_signing, page_box, resolve_page_index
+from ._pdf_input import (
+    READ_ERRORS,
+    broken_structure,
+    open_for_signing,
+    page_box,
+    resolve_page_index,
+)
 from ._prebuilt import StampNotCovered
 from ._stamp import Box, StampAppearance, check_box, default_box
-from .errors import PlacementError, SigningError
+from .errors import (
+    InvalidPdfError,
+    PlacementError,
+    SigningError,
+    UnsignablePdfError,
+    VerifyInputError,
+)
 
 __all__ = [
     "Placement",
@@ -204,6 +216,8 @@ def sign_pdf(
     ``SignResult.data``.
 
     :raises InvalidPdfError: the input is not a usable PDF (see its subclasses).
+    :raises UnsignablePdfError: an existing signature fails verification, or the document's
+        certification signature forbids the change.
     :raises PlacementError: page or box do not fit the document.
     :raises SigningError: the level needs a TSA that is not configured, the certificate is not
         valid now, or pyHanko refused (e.g. certifying an already signed PDF).
@@ -263,20 +277,25 @@ def _sign(
             stream = source
         writer = open_for_signing(stream)
         reader = writer.prev
-        _check_certification(reader, options)
-        field_name = options.field_name or _free_field_name(reader)
-
         page_number: int | None = None
         box: Box | None = None
-        if options.placement is not None and context.appearance is not None:
-            index = resolve_page_index(reader, options.placement.page)
-            page_number = index + 1
-            visible = page_box(reader, index)
-            qr = options.verify_base_url is not None
-            box = check_box(
-                options.placement.box or default_box(visible, qr=qr), visible, page_number
-            )
-        elif options.placement is not None:
+        try:
+            _check_certification(reader, options)
+            _check_existing_signatures(reader, source, stream, context)
+            field_name = options.field_name or _free_field_name(reader)
+            if options.placement is not None and context.appearance is not None:
+                index = resolve_page_index(reader, options.placement.page)
+                page_number = index + 1
+                visible = page_box(reader, index)
+                qr = options.verify_base_url is not None
+                box = check_box(
+                    options.placement.box or default_box(visible, qr=qr), visible, page_number
+                )
+        except SigningError:
+            raise
+        except READ_ERRORS as exc:  # an object the first walk did not reach is malformed
+            raise broken_structure(exc) from exc
+        if options.placement is not None and context.appearance is None:
             raise SigningError(
                 "印影の設定がないため見える署名を付けられません。",
                 "No stamp appearance is configured; sign with --no-stamp or run `koin init`.",
@@ -403,20 +422,20 @@ def _check_certification(reader: PdfFileReader, options: SignOptions) -> None:
         if options.certify and any(
             value is not None for _, value, _ in fields.enumerate_sig_fields(reader)
         ):
-            raise SigningError(
+            raise UnsignablePdfError(
                 "既に署名がある PDF には認証署名(DocMDP)を付けられません。",
                 "A certification signature must be the first signature; this PDF is "
                 "already signed.",
             )
         return
     if options.certify:
-        raise SigningError(
+        raise UnsignablePdfError(
             "既に認証署名がある PDF に認証署名は付けられません。",
             "The PDF already carries a certification signature; a certification signature "
             "must be the first signature.",
         )
     if certification.permission is MDPPerm.NO_CHANGES:
-        raise SigningError(
+        raise UnsignablePdfError(
             "この PDF は認証署名により一切の変更が禁止されているため、署名を追加できません。",
             "The PDF's certification signature forbids any change; no signature can be added.",
         )
@@ -427,6 +446,59 @@ def _check_certification(reader: PdfFileReader, options: SignOptions) -> None:
             "The PDF is certified; a new visible stamp would count as a forbidden change. "
             "Sign without a stamp (--no-stamp).",
         )
+
+
+def _check_existing_signatures(
+    reader: PdfFileReader,
+    source: bytes | Path | BinaryIO,
+    stream: BinaryIO,
+    context: SigningContext,
+) -> None:
+    """Refuse to sign over a signature that fails verification.
+
+    A seal added over a tampered or forged document would make readers show the prefecture's
+    valid signature on top of it. Only FAILED counts (altered, forged, malformed, revoked, a
+    change the signer did not allow); INDETERMINATE — e.g. a signer from a CA we do not
+    trust, or annotations added later — does not. Unsigned inputs cost nothing here.
+
+    :raises UnsignablePdfError: an existing signature or document timestamp is FAILED.
+    :raises InvalidPdfError: the verifier cannot read the document.
+    """
+    if not any(value is not None for _, value, _ in fields.enumerate_sig_fields(reader)):
+        return
+    from ._verify import Indication, VerifyPolicy, verify_pdf
+
+    trust = context.trust
+    policy = VerifyPolicy(
+        trust_roots=list(trust.roots) if trust else [],
+        other_certs=list(trust.intermediates) if trust else [],
+        crls=list(trust.crls) if trust else [],
+        max_bytes=sys.maxsize,
+    )
+    if isinstance(source, bytes | Path):
+        data: bytes | Path = source
+    else:
+        stream.seek(0)
+        data = stream.read()
+    try:
+        report = verify_pdf(data, policy)
+    except VerifyInputError as exc:
+        raise InvalidPdfError(
+            exc.message, exc.message_en or exc.message, reason=exc.reason
+        ) from exc
+    failed = [s for s in report.signatures if s.indication is Indication.FAILED]
+    if not failed:
+        return
+    first = failed[0]
+    sub = first.subindication.value if first.subindication else "FAILED"
+    raise UnsignablePdfError(
+        f"この PDF の署名 #{first.index}({first.field_name})は検証に失敗します"
+        f"({sub}: {first.reason_ja})。改ざんや偽造のおそれがある文書には署名しません。",
+        f"Signature #{first.index} ({first.field_name}) of this PDF fails verification "
+        f"({sub}: {first.reason_en}); koin does not sign over a tampered or forged document.",
+        reason="existing_signature_failed",
+        subindication=sub,
+    )
 
 
 def _free_field_name(reader: PdfFileReader) -> str:
@@ -499,11 +571,13 @@ def _run(
             "署名用証明書の検証に失敗しました(信頼点・CRL を確認してください)。",
             f"The signing certificate chain could not be validated: {exc}",
         ) from exc
-    except (PyHankoSigningError, PdfError) as exc:
+    except PyHankoSigningError as exc:
         message = str(exc)
         raise SigningError(
             f"署名できませんでした: {message}", f"Signing failed: {message}"
         ) from exc
+    except READ_ERRORS as exc:  # pyHanko met a malformed object while writing the update
+        raise broken_structure(exc) from exc
 
 
 def _run_fast(
@@ -556,11 +630,13 @@ def _run_fast(
             "署名用証明書の検証に失敗しました(信頼点・CRL を確認してください)。",
             f"The signing certificate chain could not be validated: {exc}",
         ) from exc
-    except (PyHankoSigningError, PdfError) as exc:
+    except PyHankoSigningError as exc:
         message = str(exc)
         raise SigningError(
             f"署名できませんでした: {message}", f"Signing failed: {message}"
         ) from exc
+    except READ_ERRORS as exc:  # pyHanko met a malformed object while writing the update
+        raise broken_structure(exc) from exc
 
 
 def _write_atomically(output: Path, write: Callable[[BinaryIO], None]) -> str:

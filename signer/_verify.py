@@ -50,6 +50,7 @@ from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 from pyhanko.sign.validation.status import PdfSignatureStatus, TimestampSignatureStatus
 from pyhanko_certvalidator import ValidationContext
 
+from ._pdf_input import READ_ERRORS
 from .errors import VerifyInputError
 
 __all__ = [
@@ -496,8 +497,9 @@ def _open(data: bytes, policy: VerifyPolicy) -> PdfFileReader:
     try:
         reader = PdfFileReader(io.BytesIO(data), strict=False, decode_limits=policy.decode_limits)
         encrypted = reader.encrypted
-        reader.root  # noqa: B018  # parse the trailer and catalog now
-    except (PdfError, ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
+        if not isinstance(reader.root, DictionaryObject):  # parse the trailer and catalog now
+            raise PdfError("the document catalog is not a dictionary")
+    except READ_ERRORS as exc:
         raise _unreadable(exc) from exc
     if encrypted:
         raise VerifyInputError(
@@ -595,8 +597,12 @@ def _verify_one(
         _failed(report, SubIndication.FORMAT_FAILURE)
         return report, emb
 
-    _apply_status(report, emb, status, now)
-    _classify_changes(classifier, emb, report, total)
+    try:
+        _apply_status(report, emb, status, now)
+        _classify_changes(classifier, emb, report, total)
+    except Exception as exc:  # e.g. a certificate of the path with an impossible date
+        report.details.append(f"cannot evaluate the signature: {type(exc).__name__}: {exc}")
+        _failed(report, SubIndication.FORMAT_FAILURE)
     return report, emb
 
 

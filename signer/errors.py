@@ -10,6 +10,7 @@ __all__ = [
     "LtaError",
     "EncryptedPdfError",
     "AlreadySignedPdfError",
+    "UnsignablePdfError",
     "PlacementError",
     "SigningError",
     "StampAssetError",
@@ -31,6 +32,13 @@ class EncryptedPdfError(InvalidPdfError):
 class AlreadySignedPdfError(SigningError):
     """The input already carries a signature, where an unsigned original is required (the
     original of a witness-type contract)."""
+
+
+class UnsignablePdfError(SigningError):
+    """The PDF is readable but must not be signed as asked: an existing signature fails
+    verification (koin does not seal over a forgery or a tampered document), or its
+    certification signature forbids the change. The document is at fault, not the service:
+    trying again does not help."""
 
 
 class PlacementError(SigningError):

@@ -157,8 +157,8 @@ def test_signer_uploads_a_zip_watches_it_and_downloads_the_signed_files(
     shots.take(page, "batch-running")
 
     # The page's script follows the progress to 20 / 20 without reloading.
-    page.wait_for_function(
-        "document.getElementById('processed').textContent === '20'"
+    page.wait_for_function(  # a function, not an expression: the CSP forbids eval
+        "() => document.getElementById('processed').textContent === '20'"
         " && document.getElementById('batch-status').dataset.status === 'finished'",
         timeout=180_000,
     )

@@ -52,6 +52,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         SESSION_COOKIE_SECURE=None,
         PERMANENT_SESSION_LIFETIME=8 * 3600,
         WTF_CSRF_TIME_LIMIT=8 * 3600,
+        # Security headers and rate limits (web.security): reverse proxies whose
+        # X-Forwarded-For/-Proto are trusted, and overrides of DEFAULT_RATE_LIMITS.
+        KOIN_TRUSTED_PROXIES=settings.trusted_proxies,
+        KOIN_RATE_LIMITS={},
     )
     if config:
         app.config.from_mapping(config)
@@ -70,6 +74,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         i18n,
         party_views,
         pki,
+        security,
         services,
         template_views,
         verify_views,
@@ -79,6 +84,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     i18n.init_app(app)
     services.init_app(app)
     auth.init_app(app)
+    security.init_app(app)
     # CSRF protects every form; exempt are the stateless public verification (page and API,
     # side-effect free) and the RFC 3161 TSA endpoint (machine-to-machine, no cookies).
     auth.csrf.exempt(api.bp)

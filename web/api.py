@@ -23,7 +23,9 @@ from signer import (
     Placement,
     PlacementError,
     SignatureLevel,
+    SigningError,
     SignOptions,
+    UnsignablePdfError,
     VerifyInputError,
 )
 from timestamp import TimestampError
@@ -32,7 +34,7 @@ from . import services
 from .apiauth import api_user, require_api_key
 from .errors import api_error
 from .uploads import uploaded_pdf
-from .verify_views import run_verification
+from .verify_views import run_verification, verify_rate_limited
 
 __all__ = ["bp"]
 
@@ -69,7 +71,17 @@ def verify() -> tuple[Response, int] | Response:
 
     :raise 400: nothing uploaded. :raise 413: too large. :raise 415: not a PDF / wrong type.
     :raise 422: encrypted, unreadable, or too complex to verify within the limits.
+    :raise 429: too many verifications from this address (``Retry-After``).
     """
+    wait = verify_rate_limited()
+    if wait is not None:
+        response, status = api_error(
+            429, "rate_limited",
+            "検証の依頼が多すぎます。しばらく待ってから再試行してください。",
+            "Too many verifications from this address; retry later.",
+        )
+        response.headers["Retry-After"] = str(wait)
+        return response, status
     try:
         data, _ = uploaded_pdf()
         report = run_verification(data)
@@ -175,8 +187,9 @@ def sign() -> tuple[Response, int] | Response:
 
     :raise 400: nothing uploaded or an unusable option. :raise 401 / 403 / 429: see
         :func:`web.apiauth.require_api_key`. :raise 413: too large. :raise 415: wrong type.
-    :raise 422: not a PDF, encrypted, or the stamp does not fit.
-    :raise 503: no time-stamping authority answered.
+    :raise 422: not a PDF, encrypted, broken, an existing signature fails verification, or the
+        stamp does not fit.
+    :raise 503: no time-stamping authority answered, or the service cannot sign now.
     """
     try:
         data, file_name = uploaded_pdf()
@@ -198,6 +211,8 @@ def sign() -> tuple[Response, int] | Response:
         return api_error(422, "encrypted", exc.message, exc.message_en or exc.message)
     except InvalidPdfError as exc:
         return api_error(422, "invalid_pdf", exc.message, exc.message_en or exc.message)
+    except UnsignablePdfError as exc:
+        return api_error(422, "unsignable", exc.message, exc.message_en or exc.message)
     except PlacementError as exc:
         return api_error(422, "placement", exc.message, exc.message_en or exc.message)
     except TimestampError as exc:
@@ -206,6 +221,11 @@ def sign() -> tuple[Response, int] | Response:
             503, "tsa_unavailable",
             "タイムスタンプ局に接続できません。しばらくしてから再試行してください。",
             "The time-stamping authority is unavailable; retry later.",
+        )
+    except SigningError as exc:  # the service cannot sign now (key, certificate, settings)
+        log.error("API signing failed: %s", exc.message_en or exc.message)
+        return api_error(
+            503, "signing_unavailable", exc.message, exc.message_en or exc.message
         )
     assert result.data is not None
     log.info(

@@ -49,6 +49,7 @@ from keys import KoinError
 
 from . import services
 from .errors import page_error
+from .security import client_address, rate_limited
 
 __all__ = [
     "SECRET_KEY_ENV",
@@ -251,6 +252,17 @@ def login_required(*roles: UserRole | str) -> Callable[[F], F]:
 # -- pages ------------------------------------------------------------------------------------
 
 
+class _TooManyAttempts(AccountError):
+    """Too many logins tried from this address or for this account (not recorded: the
+    account's own lock counts failures, this only slows down the tries)."""
+
+    def __init__(self, wait: int) -> None:
+        super().__init__(
+            f"ログインの試行が多すぎます。{wait} 秒ほど待ってから、もう一度お試しください。",
+            f"Too many login attempts; wait {wait} seconds and try again.",
+        )
+
+
 def _login_page(
     status: int = 200, error: AccountError | None = None, next_url: str | None = None
 ) -> tuple[str, int]:
@@ -277,9 +289,16 @@ def login_submit() -> Response | tuple[str, int] | tuple[str, int, dict[str, str
 
     :raise 400: the CSRF token is missing or invalid (the form is shown again).
     :raise 401: unknown email or wrong password (one message for both), or disabled account.
-    :raise 429: the account is locked after too many failures (``Retry-After`` says how long).
+    :raise 429: the account is locked after too many failures, or too many logins were tried
+        from this address or for this account (:mod:`web.security`); ``Retry-After`` says how
+        long.
     """
     next_url = request.form.get("next") or request.args.get("next")
+    email = request.form.get("email", "").strip().lower()[:320]
+    wait = rate_limited(("login_ip", client_address()), ("login_account", email))
+    if wait is not None:
+        page, status = _login_page(429, _TooManyAttempts(wait), next_url)
+        return page, status, {"Retry-After": str(wait)}
     try:
         with contracts.session_scope(services.session_factory()) as db:
             user = contracts.authenticate(

@@ -120,3 +120,8 @@ class Settings:
     webhooks_interval: float = field(
         default_factory=lambda: float(os.environ.get("KOIN_WEBHOOKS_INTERVAL", "").strip() or 10)
     )
+    #: Reverse proxies in front of koin whose X-Forwarded-For / X-Forwarded-Proto headers are
+    #: trusted (client addresses for rate limits and the audit trail); 0 = none.
+    trusted_proxies: int = field(
+        default_factory=lambda: int(os.environ.get("KOIN_TRUSTED_PROXIES", "").strip() or 0)
+    )

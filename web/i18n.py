@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from flask_babel import Babel
 
 from signer import format_japanese_datetime
@@ -23,9 +23,12 @@ def _select_locale() -> str:
 def _remember_choice(response: Response) -> Response:
     wanted = request.args.get("lang")
     if wanted in LANGUAGES:
+        # Secure like the session cookie: when KOIN_PUBLIC_URL is https (behind a proxy that
+        # ends TLS the request itself looks like http), or when the request is https.
+        secure = bool(current_app.config.get("SESSION_COOKIE_SECURE")) or request.is_secure
         response.set_cookie(
             COOKIE, wanted, max_age=365 * 24 * 3600, samesite="Lax", httponly=True,
-            secure=request.is_secure,
+            secure=secure,
         )
     return response
 

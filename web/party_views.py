@@ -70,6 +70,7 @@ from contracts import (
 from . import services
 from .errors import page_error
 from .previews import PreviewError, page_images
+from .security import client_address, rate_limited
 
 __all__ = ["IDENTIFIED_LIFETIME", "REOPEN_AFTER", "TokenRedactor", "bp"]
 
@@ -386,16 +387,27 @@ def resend(token: str) -> Response | tuple[str, int]:
 
 
 @bp.post("/c/<token>/code")
-def code(token: str) -> Response | tuple[str, int]:
+def code(token: str) -> Response | tuple[str, int] | tuple[str, int, dict[str, str]]:
     """Check the access code or one-time code; on success, show the review page.
 
     :raise 400: wrong or expired code (the form again, with the attempts left).
     :raise 403: the fifth wrong code in a row: the party is locked.
+    :raise 429: too many codes entered for this link or from this address
+        (:mod:`web.security`; ``Retry-After``).
     :raise 404/410/409: see :func:`_refused`.
     """
     progress = _progress(token)
     if progress is None:
         return _back_to_link(token)
+    wait = rate_limited(("code_ip", client_address()), ("code_link", _digest(token)))
+    if wait is not None:
+        page, status = page_error(
+            429,
+            f"コードの入力が多すぎます。{wait} 秒ほど待ってから、もう一度お試しください。",
+            f"Too many codes were entered; wait {wait} seconds and try again.",
+            template="party_error.html", kind="RateLimited", token=token,
+        )
+        return page, status, {"Retry-After": str(wait)}
     typed = request.form.get("code", "")[:MAX_CODE_CHARS]
     try:
         with _db() as db:

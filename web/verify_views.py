@@ -13,9 +13,10 @@ from signer import Report, VerifyInputError, verify_pdf_isolated
 
 from . import services
 from .errors import page_error
+from .security import client_address, rate_limited
 from .uploads import uploaded_pdf
 
-__all__ = ["bp", "run_verification"]
+__all__ = ["bp", "run_verification", "verify_rate_limited"]
 
 bp = Blueprint("verify", __name__)
 
@@ -30,6 +31,23 @@ def run_verification(data: bytes) -> Report:
         services.verify_policy(),
         time_limit=float(current_app.config["KOIN_VERIFY_TIME_LIMIT"]),
     )
+
+
+def verify_rate_limited() -> int | None:
+    """Charge one verification to this client address; the seconds to wait if over the limit
+    (:mod:`web.security`), else None."""
+    return rate_limited(("verify_ip", client_address()))
+
+
+def _too_many(wait: int, template: str = "verify.html", **context: object
+              ) -> tuple[str, int, dict[str, str]]:
+    page, status = page_error(
+        429,
+        f"検証の依頼が多すぎます。{wait} 秒ほど待ってから、もう一度お試しください。",
+        f"Too many verifications from your address; wait {wait} seconds and try again.",
+        template=template, **context,
+    )
+    return page, status, {"Retry-After": str(wait)}
 
 
 def _too_large() -> tuple[str, int]:
@@ -48,8 +66,13 @@ def verify_form() -> str:
 
 
 @bp.post("/verify")
-def verify_upload() -> str | tuple[str, int]:
-    """:raise 400/413/415/422: the upload cannot be verified (shown on the page)."""
+def verify_upload() -> str | tuple[str, int] | tuple[str, int, dict[str, str]]:
+    """:raise 400/413/415/422: the upload cannot be verified (shown on the page).
+    :raise 429: too many verifications from this address (``Retry-After``).
+    """
+    wait = verify_rate_limited()
+    if wait is not None:
+        return _too_many(wait)
     try:
         data, file_name = uploaded_pdf()
         report = run_verification(data)
@@ -77,15 +100,19 @@ def document(doc_id: str) -> str | tuple[str, int]:
 
 
 @bp.post("/verify/<doc_id>")
-def document_check(doc_id: str) -> str | tuple[str, int]:
+def document_check(doc_id: str) -> str | tuple[str, int] | tuple[str, int, dict[str, str]]:
     """Check an uploaded copy against the record: same bytes, and valid signatures.
 
     :raise 404: unknown document ID.
     :raise 400/413/415/422: the upload cannot be verified.
+    :raise 429: too many verifications from this address (``Retry-After``).
     """
     record = services.find_document(doc_id)
     if record is None:
         return document(doc_id)
+    wait = verify_rate_limited()
+    if wait is not None:
+        return _too_many(wait, template="document.html", record=record)
     lta = _lta_record(record.document_id)
     try:
         data, file_name = uploaded_pdf()

@@ -639,6 +639,8 @@ ENGLISH = {
         "It matches the beginning of the version this service keeps (a version from before "
         "long-term validation data was added); what was signed is identical."
     ),
+    # security (rate limits)
+    "しばらくお待ちください": "Please wait a moment",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
