@@ -80,7 +80,7 @@ from signer import (
 )
 from timestamp import TimestampError
 
-from . import lta
+from . import lta, metrics
 from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcnow
 from ._durable import stage_file, sync_filesystem
 from ._periodic import PeriodicWorker
@@ -915,6 +915,7 @@ def _mark_done(
     """
     certificate = context.signer.signing_cert
     subject = certificate.subject.human_friendly if certificate is not None else "?"
+    recorded: list[SignatureLevel] = []
     with session_scope(sessions) as session:
         for job, signed in finished:
             result = session.execute(
@@ -947,10 +948,13 @@ def _mark_done(
                     template=job.template,
                     channel=SigningChannel.BATCH,
                 )
+                recorded.append(signed.level)
             lta.register_stored_file(
                 session, lta.LtaKind.BATCH_DOCUMENT, job.output_relative, signed.sha256,
                 document_id=job.document_id, now=moment,
             )
+    for level in recorded:  # committed: each document counts once
+        metrics.count_signed(Role.POSITION, level)
 
 
 def _release(
@@ -1064,7 +1068,8 @@ def sign_documents(
                     (job, _check_existing(job, source, job.output_path.read_bytes(), context))
                 )
                 continue
-            result = sign_pdf(source, context, job.options)
+            with metrics.timed_signature(Role.POSITION):
+                result = sign_pdf(source, context, job.options)
             assert result.data is not None
             temporary = stage_file(job.output_path.parent, job.output_path.name, result.data)
             signed = _Signed(result.sha256, result.level, result.signed_at)

@@ -80,6 +80,7 @@ from signer import (
 )
 from timestamp import TimestampError
 
+from . import metrics
 from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcnow
 from ._periodic import PeriodicWorker
 from .audit import append_event
@@ -1112,6 +1113,7 @@ def _renew_claimed(run: _Run, file_id: int, report: LtaReport) -> None:
         log.warning("LTA: %s changed hands before it was recorded; nothing written", snap.label)
     except TimestampError as exc:
         log.warning("LTA: %s not renewed, TSA unavailable: %s", snap.label, exc.message_en)
+        metrics.count_tsa_error()
         report.failed.append((snap.label, exc.message, exc.message_en))
         _release(run, snap, exc, transient=True)
     except (LtaFileError, LtaError, InvalidPdfError) as exc:
