@@ -5,8 +5,7 @@ The web tier exposes them at ``/metrics`` (:mod:`web.metrics`), together with ga
 from the database when it is scraped (:mod:`contracts.operations`). Under gunicorn with several
 worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` to an empty folder (prometheus_client's
 multiprocess mode): each process then writes its values there and ``/metrics`` adds them up.
-Celery workers on the same machine with the same folder are counted too; elsewhere their
-signatures are counted in their own process only.
+Batches signed by Celery workers count in the worker processes, which serve no ``/metrics``.
 
 Metric names (``koin_`` prefix):
 

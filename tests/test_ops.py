@@ -5,6 +5,7 @@ request ID of a real ``koin serve``, and the admin status page."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -23,13 +24,34 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
+from prometheus_client.mmap_dict import MmapedDict
 from sqlalchemy.orm import Session, sessionmaker
 
-from contracts import create_api_key, create_user, session_scope
+from contracts import (
+    CompletionOutcome,
+    add_document,
+    claim_documents,
+    complete_contract,
+    create_api_key,
+    create_batch,
+    create_user,
+    make_engine,
+    make_session_factory,
+    session_scope,
+    sign_document,
+    start_batch,
+    utcnow,
+)
 from contracts.accounts import User
+from contracts.migrate import upgrade
+from contracts.operations import operation_figures
+from keys import Role
+from signer import Installation
 from tests.conftest import PUBLIC_URL
 from tests.pg_cluster import PrivateCluster
-from tests.servers import free_port, koin_process, wait_for_port
+from tests.servers import closed_port_url, free_port, koin_process, wait_for_port
+from tests.test_workflow import _all_consent, _create
 from web import create_app, services
 from web.health import CHECKS
 
@@ -206,8 +228,6 @@ def test_tsa_that_is_not_ours_fails_the_check(
     other.mkdir()
     (other / "keys").mkdir()
     shutil.copy(koin_home / "keys" / "passphrase", other / "keys" / "passphrase")
-    from signer import Installation
-
     Installation(other, public_url=PUBLIC_URL).initialize()  # another demo PKI
     port = free_port()
     app = _app(koin_home, KOIN_DATABASE_URL=f"sqlite:///{tmp_path}/koin.db",
@@ -381,9 +401,6 @@ def test_gunicorn_workers_add_up_in_multiprocess_mode(
     home = tmp_path / "home"
     shutil.copytree(koin_home, home, ignore=shutil.ignore_patterns("*.db", "*.log"))
     database = f"sqlite:///{tmp_path}/koin.db"
-    from contracts import make_engine, make_session_factory
-    from contracts.migrate import upgrade
-
     upgrade(database)
     engine = make_engine(database)
     sessions = make_session_factory(engine)
@@ -422,8 +439,6 @@ def test_gunicorn_workers_add_up_in_multiprocess_mode(
             values.add(_metric(text, "koin_documents_signed_total", role="position",
                                level="B-B"))
         assert values == {4.0}
-        from prometheus_client.mmap_dict import MmapedDict
-
         per_process = {}
         for path in folder.glob("counter_*.db"):
             for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
@@ -483,3 +498,65 @@ def test_admin_status_page(
     assert 'data-role="position" data-state="warning"' in english
     assert re.search(r"expires in \d+ days", english)
     assert "Service status" in english and "Embedded TSA" in english
+
+
+# -- counted once per signed document, where the services sign ----------------------------------
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_batch_counts_each_document_once_and_the_tsa_outage(
+    sessions: sessionmaker[Session], tmp_path: Path, installation: Installation,
+    one_page_permit: bytes
+) -> None:
+    home = tmp_path / "home"
+    user = _people(sessions)[SIGNER]
+    with session_scope(sessions) as session:
+        batch = create_batch(session, home=home, user_id=user.id)
+        for index in range(3):
+            add_document(session, batch, home=home, file_name=f"{index}.pdf",
+                         data=one_page_permit)
+        start_batch(session, batch)
+    with sessions() as session:
+        assert operation_figures(session).queue_depth == {"waiting": 3, "running": 0}
+    levels = ("B-B", "B-T", "B-LT", "B-LTA")
+    before = {level: _sample("koin_documents_signed_total", role="position", level=level)
+              for level in levels}
+    errors = _sample("koin_tsa_errors_total")
+
+    down = installation.signing_context(Role.POSITION, tsa_urls=[closed_port_url()])
+    [first, *_] = claim_documents(sessions, owner="w", limit=1)
+    sign_document(sessions, first, down, home=home, owner="w")
+    assert _sample("koin_tsa_errors_total") == errors + 1
+
+    context = installation.signing_context(Role.POSITION)
+    later = utcnow() + dt.timedelta(hours=2)
+    while ids := claim_documents(sessions, owner="w", limit=2, now=later):
+        for row_id in ids:
+            sign_document(sessions, row_id, context, home=home, owner="w", now=later)
+    after = {level: _sample("koin_documents_signed_total", role="position", level=level)
+             for level in levels}
+    assert sum(after.values()) - sum(before.values()) == 3
+    with sessions() as session:
+        assert operation_figures(session, now=later).queue_depth == {"waiting": 0, "running": 0}
+
+
+def test_a_completed_contract_counts_one_witness_signature(
+    sessions: sessionmaker[Session], installation: Installation, permit_pdf: bytes
+) -> None:
+    with session_scope(sessions) as session:
+        officer, _ = create_user(session, "keiyaku@pref.ibaraki.example", ["officer"],
+                                 display_name="契約 担当", password=PASSWORD)
+        officer_id = officer.id
+    contract_id = _create(sessions, installation, officer_id, permit_pdf)
+    _all_consent(sessions, contract_id)
+    before = _sample("koin_documents_signed_total", role="witness", level="B-T")
+    with ThreadPoolExecutor(3) as pool:
+        outcomes = list(pool.map(
+            lambda _: complete_contract(sessions, contract_id, installation), range(3)
+        ))
+    assert outcomes.count(CompletionOutcome.COMPLETED) == 1
+    assert _sample("koin_documents_signed_total", role="witness", level="B-T") == before + 1
+    assert _sample("koin_signing_seconds_count", role="witness") >= 1
