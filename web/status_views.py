@@ -32,7 +32,7 @@ class CertificateRow:
     #: ``position``, ``witness``, ``tsa``, or ``ca`` (a CA certificate of ``pki/chain.pem``).
     role: str
     subject: str
-    #: Serial number in hex.
+    #: Serial number in hex, in groups of 8 digits (so that it can wrap).
     serial: str
     not_after: dt.datetime | None
     days_left: int | None
@@ -42,6 +42,12 @@ class CertificateRow:
     backend: str = ""
     #: Why the certificate could not be read (English, for operators).
     error: str = ""
+
+
+def _grouped(serial: int) -> str:
+    digits = format(serial, "X")
+    digits = digits.zfill(-(-len(digits) // 8) * 8)
+    return " ".join(digits[i:i + 8] for i in range(0, len(digits), 8))
 
 
 def _row(role: str, certificate: asn1_x509.Certificate, now: dt.datetime, warning_days: int,
@@ -54,7 +60,7 @@ def _row(role: str, certificate: asn1_x509.Certificate, now: dt.datetime, warnin
     else:
         state = "ok"
     return CertificateRow(
-        role, str(certificate.subject.human_friendly), format(certificate.serial_number, "X"),
+        role, str(certificate.subject.human_friendly), _grouped(certificate.serial_number),
         not_after, (not_after - now).days, state, backend,
     )
 
