@@ -21,6 +21,7 @@ Metric names (``koin_`` prefix):
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from timestamp import TimestampError
 
 __all__ = [
     "DOCUMENTS_SIGNED",
+    "MULTIPROC_ENV",
     "SIGNING_SECONDS",
     "TSA_ERRORS",
     "VERIFY_REQUESTS",
@@ -39,6 +41,12 @@ __all__ = [
     "count_verification",
     "timed_signature",
 ]
+
+#: prometheus_client's multiprocess mode opens a file there as soon as a metric is made (at
+#: import): a missing folder must not stop every koin command.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+if os.environ.get(MULTIPROC_ENV):
+    os.makedirs(os.environ[MULTIPROC_ENV], mode=0o700, exist_ok=True)
 
 DOCUMENTS_SIGNED = Counter(
     "koin_documents_signed",

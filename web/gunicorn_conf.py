@@ -19,7 +19,7 @@ from web.logs import configure_logging
 
 configure_logging()
 
-#: As in web.metrics (not imported here: the master need not load koin).
+#: As in contracts.metrics (not imported here: the master need not load koin).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 

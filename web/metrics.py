@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import Metric
 from sqlalchemy.exc import SQLAlchemyError
 
 import contracts
+from contracts.metrics import MULTIPROC_ENV
 from contracts.operations import operation_figures
 
 __all__ = ["bp", "metrics_text"]
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("metrics", __name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class _DatabaseGauges:
