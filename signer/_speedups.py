@@ -128,5 +128,5 @@ def install() -> None:
     generic.read_hex_string_from_stream = _read_hex_string
     asn1_x509.Name.__eq__ = _name_eq
     asn1_x509.Name.hashable = property(_name_hashable)
-    asn1_x509.Name.retag = _name_retag  # type: ignore[method-assign]
+    asn1_x509.Name.retag = _name_retag
     _installed = True
