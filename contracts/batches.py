@@ -54,8 +54,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     String,
+    Table,
     UniqueConstraint,
     and_,
+    bindparam,
     exists,
     func,
     or_,
@@ -85,10 +87,10 @@ from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcn
 from ._durable import stage_file, sync_filesystem
 from ._periodic import PeriodicWorker
 from .accounts import User, UserRole, has_role
-from .documents import get_document, record_signed_document
+from .documents import record_signed_documents
 from .errors import BatchNotFound, InvalidBatchData, InvalidBatchState
 from .mail import retry_delay
-from .models import SigningChannel
+from .models import SignedDocument, SigningChannel
 from .templates import require_template, template_options
 from .webhooks import WebhookEvent, batch_finished_data, enqueue_event
 
@@ -916,41 +918,62 @@ def _mark_done(
     certificate = context.signer.signing_cert
     subject = certificate.subject.human_friendly if certificate is not None else "?"
     with session_scope(sessions) as session:
-        for job, signed in finished:
-            result = session.execute(
-                update(BatchDocument)
-                .where(*_ours(job.row_id, owner))
-                .values(
-                    state=DocumentState.DONE.value, output_path=job.output_relative,
-                    output_sha256=signed.sha256, lease_owner=None, lease_until=None,
-                    error=None, error_en=None, updated_at=moment,
-                ),
-                execution_options={"synchronize_session": False},
+        # A handful of statements for the whole chunk, whatever its size: the rows still
+        # ours (locked until the commit), one UPDATE executed for all of them, the documents
+        # not yet recorded, one INSERT each for the records and the B-LTA registrations.
+        ours = set(session.scalars(
+            select(BatchDocument.id)
+            .where(
+                BatchDocument.id.in_([job.row_id for job, _ in finished]),
+                BatchDocument.lease_owner == owner,
+                BatchDocument.state == DocumentState.RUNNING.value,
             )
-            if rowcount(result) != 1:
+            .with_for_update()
+        ))
+        for job, _ in finished:
+            if job.row_id not in ours:
                 log.warning(
                     "batch document %d: lease lost before it was marked done", job.row_id
                 )
-                continue
-            known = get_document(session, job.document_id)
-            if known is None or known.sha256 != signed.sha256:
-                record_signed_document(
-                    session,
-                    document_id=job.document_id,
-                    sha256=signed.sha256,
-                    signer_role=Role.POSITION.value,
-                    signer_subject=subject,
-                    level=signed.level,
-                    signed_at=signed.signed_at,
-                    file_name=job.file_name[-255:],
-                    signed_by=job.created_by,
-                    template=job.template,
-                    channel=SigningChannel.BATCH,
-                )
-            lta.register_stored_file(
-                session, lta.LtaKind.BATCH_DOCUMENT, job.output_relative, signed.sha256,
-                document_id=job.document_id, now=moment,
+        mine = [(job, signed) for job, signed in finished if job.row_id in ours]
+        if not mine:
+            return
+        table = BatchDocument.__table__
+        assert isinstance(table, Table)
+        session.connection().execute(
+            update(table)
+            .where(
+                table.c.id == bindparam("row_id"),
+                table.c.lease_owner == owner,
+                table.c.state == DocumentState.RUNNING.value,
             )
+            .values(
+                state=DocumentState.DONE.value, output_path=bindparam("done_path"),
+                output_sha256=bindparam("done_sha256"), lease_owner=None, lease_until=None,
+                error=None, error_en=None, updated_at=moment,
+            ),
+            [{"row_id": job.row_id, "done_path": job.output_relative,
+              "done_sha256": signed.sha256} for job, signed in mine],
+        )
+        recorded = {document_id: sha256 for document_id, sha256 in session.execute(
+            select(SignedDocument.document_id, SignedDocument.sha256)
+            .where(SignedDocument.document_id.in_([job.document_id for job, _ in mine]))
+        )}
+        record_signed_documents(session, [
+            {
+                "document_id": job.document_id, "sha256": signed.sha256,
+                "signer_role": Role.POSITION.value, "signer_subject": subject,
+                "level": signed.level, "signed_at": signed.signed_at,
+                "file_name": job.file_name[-255:], "signed_by": job.created_by,
+                "template": job.template, "channel": SigningChannel.BATCH,
+            }
+            for job, signed in mine if recorded.get(job.document_id) != signed.sha256
+        ])
+        lta.register_stored_files(
+            session, lta.LtaKind.BATCH_DOCUMENT,
+            [(job.output_relative, signed.sha256, job.document_id) for job, signed in mine],
+            now=moment,
+        )
 
 
 def _release(
