@@ -792,10 +792,15 @@ def _prepare_many(
         missing = set(row_ids) - set(rows)
         if missing:
             raise ValueError(f"no batch documents {sorted(missing)}")
+        ours = [
+            rows[row_id] for row_id in row_ids
+            if rows[row_id].state == DocumentState.RUNNING and rows[row_id].lease_owner == owner
+        ]
+        document_ids = _reserve_document_ids(session, ours, owner=owner, moment=moment)
         options_of: dict[int, tuple[Batch, SignOptions]] = {}
-        for row_id in row_ids:
-            row = rows[row_id]
-            if row.state != DocumentState.RUNNING or row.lease_owner != owner:
+        for row in ours:
+            document_id = document_ids.get(row.id)
+            if document_id is None:  # taken over by another worker meanwhile
                 continue
             if row.batch_id not in options_of:
                 batch = session.get_one(Batch, row.batch_id)
@@ -804,18 +809,6 @@ def _prepare_many(
                 )
                 options_of[row.batch_id] = (batch, options)
             batch, options = options_of[row.batch_id]
-            document_id = row.document_id
-            if document_id is None:
-                reserved = new_document_id()
-                result = session.execute(
-                    update(BatchDocument)
-                    .where(*_ours(row_id, owner), BatchDocument.document_id.is_(None))
-                    .values(document_id=reserved, updated_at=moment),
-                    execution_options={"synchronize_session": False},
-                )
-                if rowcount(result) != 1:
-                    continue
-                document_id = reserved
             relative = output_relative(batch, row)
             jobs.append(
                 _Job(
@@ -833,6 +826,45 @@ def _prepare_many(
                 )
             )
     return jobs
+
+
+def _reserve_document_ids(
+    session: Session, rows: Sequence[BatchDocument], *, owner: str, moment: dt.datetime
+) -> dict[int, str]:
+    """Row id → document ID for ``rows`` that are still ``owner``'s: those without one get a
+    new one (one UPDATE for all, guarded like a single claim), then one SELECT reads back
+    which rows carry what, so a row taken over meanwhile is left out."""
+    fresh = {row.id: new_document_id() for row in rows if row.document_id is None}
+    if fresh:
+        table = BatchDocument.__table__
+        assert isinstance(table, Table)
+        session.connection().execute(
+            update(table)
+            .where(
+                table.c.id == bindparam("row_id"),
+                table.c.lease_owner == owner,
+                table.c.state == DocumentState.RUNNING.value,
+                table.c.document_id.is_(None),
+            )
+            .values(document_id=bindparam("reserved"), updated_at=moment),
+            [{"row_id": row_id, "reserved": reserved} for row_id, reserved in fresh.items()],
+        )
+    held = {
+        row_id: document_id
+        for row_id, document_id in session.execute(
+            select(BatchDocument.id, BatchDocument.document_id).where(
+                BatchDocument.id.in_([row.id for row in rows]),
+                BatchDocument.lease_owner == owner,
+                BatchDocument.state == DocumentState.RUNNING.value,
+            )
+        )
+        if document_id is not None
+    }
+    # A fresh row whose document ID is not the one reserved here was reserved by another.
+    return {
+        row.id: held[row.id] for row in rows
+        if row.id in held and (row.id not in fresh or held[row.id] == fresh[row.id])
+    }
 
 
 def _ours(row_id: int, owner: str) -> tuple[Any, ...]:
