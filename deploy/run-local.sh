@@ -73,7 +73,8 @@ launch() {
     local name=$1
     shift
     local log=$RUN_DIR/logs/$name.log
-    setsid "$@" </dev/null >>"$log" 2>&1 &
+    [ ! -f "$log" ] || mv -f "$log" "$log.1"  # the previous run's log, kept once
+    setsid "$@" </dev/null >"$log" 2>&1 &
     local pid=$!
     echo "$pid" >"$RUN_DIR/pids/$name.pid"
     say "$name started (pid $pid, log $log)"
