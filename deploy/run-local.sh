@@ -166,13 +166,30 @@ conninfo = psycopg.conninfo.make_conninfo(
     host=url.host or "", port=str(url.port or ""), user=url.username or "",
     password=url.password or "", dbname="postgres",
 )
-with psycopg.connect(conninfo, autocommit=True) as connection:
-    found = connection.execute(
-        "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
-    ).fetchone()
-    if found is None:
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        print(f"run-local: database {name} created", file=sys.stderr)
+try:
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as connection:
+        found = connection.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if found is None:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            print(f"run-local: database {name} created", file=sys.stderr)
+except psycopg.Error as exc:
+    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    sys.exit(f"run-local: PostgreSQL at {where}: {' '.join(str(exc).split())}")
+EOF
+}
+
+check_broker() {
+    "$PYTHON" - "$KOIN_BROKER_URL" <<'EOF'
+import sys
+
+import redis
+
+try:
+    redis.Redis.from_url(sys.argv[1], socket_connect_timeout=3).ping()
+except redis.RedisError as exc:
+    sys.exit(f"run-local: the broker (Redis) does not answer: {exc}")
 EOF
 }
 
@@ -213,6 +230,7 @@ start() {
     write_env
 
     create_database
+    check_broker
     # on the terminal, not in a log: init shows a first administrator's password once
     "$KOIN" init
     "$KOIN" db upgrade
