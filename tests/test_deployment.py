@@ -391,6 +391,18 @@ def _compose() -> dict[str, Any]:
     return document
 
 
+def test_compose_is_valid_under_the_compose_specification() -> None:
+    """What ``docker compose config`` checks of the file's structure, without Docker: the
+    JSON schema of the Compose Specification (compose-spec/compose-spec, schema/
+    compose-spec.json at 170098b, Apache-2.0), after YAML anchors and merge keys."""
+    from jsonschema import Draft7Validator
+
+    schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text("utf-8"))
+    errors = [f"{list(error.path)}: {error.message}"
+              for error in Draft7Validator(schema).iter_errors(_compose())]
+    assert not errors, errors
+
+
 def test_compose_names_the_layout_with_volumes() -> None:
     compose = _compose()
     services = compose["services"]
