@@ -413,11 +413,11 @@ def test_gunicorn_workers_add_up_in_multiprocess_mode(
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("KOIN_")},
            "KOIN_HOME": str(home), "KOIN_DATABASE_URL": database,
            "KOIN_PUBLIC_URL": f"http://127.0.0.1:{port}", "PROMETHEUS_MULTIPROC_DIR": str(folder),
-           "KOIN_LOG_FORMAT": "json"}
+           "KOIN_LOG_FORMAT": "json", "KOIN_BIND_HOST": "127.0.0.1", "KOIN_WEB_PORT": str(port),
+           "KOIN_WEB_WORKERS": "2"}
     log = (tmp_path / "gunicorn.log").open("wb")
-    server = subprocess.Popen(
-        [str(BIN / "gunicorn"), "-c", "python:web.gunicorn_conf", "--workers", "2",
-         "--bind", f"127.0.0.1:{port}", "web:create_app()"],
+    server = subprocess.Popen(  # as compose.yaml and the systemd unit start it
+        [str(BIN / "gunicorn"), "--config", "python:web.gunicorn_config"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"

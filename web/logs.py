@@ -168,7 +168,7 @@ def _finish(response: Response) -> Response:
 def init_app(app: Flask) -> None:
     """Request IDs and access lines for ``app``; JSON logging when ``KOIN_LOG_FORMAT=json``
     is set and nobody set up koin's logging yet (e.g. gunicorn without
-    ``web.gunicorn_conf``)."""
+    ``web.gunicorn_config``)."""
     app.before_request_funcs.setdefault(None, []).insert(0, _start)
     app.after_request(_finish)
     if os.environ.get(LOG_FORMAT_ENV, "").strip().lower() == "json" and not any(

@@ -8,8 +8,8 @@ from the database when the page is scraped (:mod:`contracts.operations`):
 
 One process (``koin serve``): the process's own values. Several processes (gunicorn
 ``--workers N``): start them with ``PROMETHEUS_MULTIPROC_DIR`` set to an empty folder that only
-koin writes to, and use ``-c python:web.gunicorn_conf`` (it empties the folder at start and
-marks dead workers); every worker then answers with the sum over all workers.
+koin writes to, and ``--config python:web.gunicorn_config`` (it empties the folder at start
+and marks dead workers); every worker then answers with the sum over all workers.
 
 With ``KOIN_METRICS_TOKEN`` set, scrapers must send ``Authorization: Bearer <token>``;
 otherwise the page is open to whoever reaches the service (keep it behind the reverse proxy).
