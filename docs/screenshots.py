@@ -204,7 +204,7 @@ class Shooter:
             f"{language}/img/{name}.png", language=language, url=_path(page.url), role=role,
             viewport=f"{viewport['width']}x{viewport['height']}", steps=steps,
         )
-        print(f"  {path.relative_to(ROOT)}")
+        print(f"  {path}")
 
     def both(self, page: Any, take: Callable[[str], None]) -> None:
         """``take`` in Japanese, then again after the header's language switch."""

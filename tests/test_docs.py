@@ -93,3 +93,23 @@ def test_the_api_reference_is_current() -> None:
     reference = (DOCS / "en" / "api.md").read_text("utf-8")
     for path in openapi_document()["paths"]:
         assert f"`{path}`" in reference
+
+
+@pytest.mark.slow
+def test_the_screenshot_script_makes_every_listed_image(tmp_path: Path) -> None:
+    """``docs/screenshots.py`` still runs on a fresh demo instance (koin init, koin demo, koin
+    serve, Chromium) and makes exactly the images the committed manifest lists."""
+    if not Path("/usr/bin/chromium").exists():
+        pytest.fail("Debian's chromium is not installed; run `bash .ci/setup`")
+    done = subprocess.run(
+        [sys.executable, str(DOCS / "screenshots.py"), "--out", str(tmp_path)], cwd=ROOT,
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    made = json.loads((tmp_path / "screenshots.json").read_text("utf-8"))
+    committed = json.loads((DOCS / "screenshots.json").read_text("utf-8"))
+    assert [e["file"] for e in made["screenshots"]] == [
+        e["file"] for e in committed["screenshots"]
+    ]
+    for entry in made["screenshots"]:
+        assert (tmp_path / entry["file"]).stat().st_size > 5000, entry

@@ -49,6 +49,9 @@ def _demo(settings: Settings) -> None:
         click.echo(f"アクセスコード: {title} / {party}: {code}")
     if not report.created:
         click.echo("デモデータは既にそろっています。")
+    base = settings.public_url.rstrip("/")
+    click.echo(f"ログイン: {base}/login  メール(koin serve の開発用メールボックス): "
+               f"{base}/dev/mailbox")
 
 
 demo: click.Command = click.command("demo")(_demo)
