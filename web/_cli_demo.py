@@ -31,7 +31,7 @@ def _demo(settings: Settings) -> None:
     installation.initialize()
     _upgrade_database(settings)
     _create_secret_key_file(settings)
-    click.echo("デモデータを作成しています(1〜2 分かかります)…")
+    click.echo("デモデータを作成しています(数十秒かかります)…")
     with _sessions(settings) as sessions:
         report = seed_demo(sessions, installation, public_url=settings.public_url,
                            tsa_urls=settings.tsa_urls)
