@@ -214,9 +214,21 @@ class Shooter:
         page.goto(f"{self.demo.url}/?lang=ja")
 
 
+_PLACEHOLDERS = (
+    (re.compile(r"/c/[A-Za-z0-9_-]{43}"), "/c/<link>"),
+    (re.compile(r"/(batches|contracts)/(?!new\b)[A-Za-z0-9_-]{16,32}"), r"/\1/<id>"),
+    (re.compile(r"/(sign|verify)/[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}"),
+     r"/\1/<document-id>"),
+    (re.compile(r"/dev/mailbox/[\w.-]+"), "/dev/mailbox/<message>"),
+)
+
+
 def _path(url: str) -> str:
+    """The page's path with random IDs as placeholders (the manifest stays the same)."""
     path = re.sub(r"^https?://[^/]+", "", url)
-    return _LINK.sub("/c/<link>", re.sub(r"/c/[A-Za-z0-9_-]{43}", "/c/<link>", path))
+    for pattern, placeholder in _PLACEHOLDERS:
+        path = pattern.sub(placeholder, path)
+    return path
 
 
 def capture(shooter: Shooter) -> None:
