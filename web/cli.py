@@ -1334,6 +1334,9 @@ from ._cli_lta import evidence_group, lta_group  # noqa: E402  (they use the hel
 
 cli.add_command(lta_group)
 cli.add_command(evidence_group)
+from ._cli_demo import demo  # noqa: E402
+
+cli.add_command(demo)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
