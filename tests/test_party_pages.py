@@ -718,7 +718,7 @@ def test_status_words_after_consent(
     hanako.identify()
     hanako.consent()
     page = _text(hanako.client.get(f"{hanako.base}/done?lang=en"))
-    assert "Consent received." in page and "partially agreed" in page
+    assert "Consent received." in page and "Partially agreed" in page
     with db() as session:
         statuses = {p.status for p in list_parties(session, _contract(db, contract_id))}
     assert statuses == {PartyStatus.CONSENTED.value, PartyStatus.PENDING.value}

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g, has_request_context, request
 from flask_babel import Babel, get_translations
 
-from signer import format_japanese_datetime
+from signer import JST, format_japanese_datetime
 
 __all__ = ["init_app", "LANGUAGES"]
 
@@ -35,12 +35,14 @@ def _remember_choice(response: Response) -> Response:
 
 
 def _when(value: dt.datetime | None) -> str:
-    """Datetimes for people: 令和 and JST in Japanese, ISO-like UTC in English."""
+    """Datetimes for people: 令和 and JST in Japanese; ISO-like and also in Japan time in
+    English (the prefecture's deadlines and documents are in JST; mixing zones between the
+    two languages confused readers)."""
     if value is None:
         return "—"
     if getattr(g, "lang", "ja") == "ja":
         return format_japanese_datetime(value)
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return value.astimezone(JST).strftime("%Y-%m-%d %H:%M:%S JST")
 
 
 def _translations() -> Any:
