@@ -19,6 +19,9 @@ what they decide (installed once, when :mod:`signer` is imported).
   retags by deep-copying the whole parsed name tree (about a third of the CRL checks). A name
   read from DER and not changed since is retagged from its encoding instead; the copy parses
   it again when (if ever) it is looked into. Anything else goes to asn1crypto's own retag.
+* **QR masks** (``qrcode.QRCode.best_mask_pattern``): a stamp with a verification QR code
+  spent more time choosing the QR code's mask than signing; :mod:`signer._qr_masks` picks the
+  same mask several times faster.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from typing import Any
 
 from asn1crypto import x509 as asn1_x509
 from pyhanko.pdf_utils import generic
+from qrcode import main as qr_main
+
+from . import _qr_masks
 
 __all__ = ["install"]
 
@@ -40,6 +46,7 @@ _original_hex_reader = generic.read_hex_string_from_stream
 _original_name_eq = asn1_x509.Name.__eq__
 _original_name_hashable = asn1_x509.Name.hashable
 _original_name_retag = asn1_x509.Name.retag
+_original_best_mask_pattern = qr_main.QRCode.best_mask_pattern
 
 
 def _read_hex_string(stream: Any) -> Any:
@@ -129,4 +136,5 @@ def install() -> None:
     asn1_x509.Name.__eq__ = _name_eq
     asn1_x509.Name.hashable = property(_name_hashable)
     asn1_x509.Name.retag = _name_retag
+    qr_main.QRCode.best_mask_pattern = _qr_masks.best_mask_pattern
     _installed = True

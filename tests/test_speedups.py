@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import random
+import string
 
 import pytest
 from asn1crypto import x509 as asn1_x509
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.misc import PdfStreamError
 
-from signer import _speedups
+from signer import _speedups, new_document_id
 
 CASES = [
     b"<48656C6C6F>", b"<48 65\n6C\t6C\r6F\x00>", b"<4865 6C6C 6>", b"<>", b"< >",
@@ -106,3 +107,55 @@ def test_general_name_of_a_certificate_issuer_is_unchanged() -> None:
     general = asn1_x509.GeneralName(name="directory_name", value=name)
     assert general.dump() == asn1_x509.GeneralName.load(general.dump()).dump()
     assert general.chosen == name and general.dump()[:1] == b"\xa4"
+
+
+def _qr_inputs() -> list[tuple[str, int]]:
+    import qrcode
+
+    rng = random.Random(11)
+    levels = [qrcode.constants.ERROR_CORRECT_L, qrcode.constants.ERROR_CORRECT_M,
+              qrcode.constants.ERROR_CORRECT_Q, qrcode.constants.ERROR_CORRECT_H]
+    alphabet = string.ascii_letters + string.digits + "/:.-?=&"
+    inputs = [(f"https://sign.pref.ibaraki.example/verify/{new_document_id()}", level)
+              for level in levels]
+    for length in [1, 7, 25, 60, 61, 120, 200, 400, 900]:  # versions 1 to 20 (≥ 7: version bits)
+        for _ in range(6):
+            data = "".join(rng.choice(alphabet) for _ in range(length))
+            inputs.append((data, rng.choice(levels)))
+    inputs.append(("茨城県知事 電子署名", qrcode.constants.ERROR_CORRECT_M))
+    return inputs
+
+
+def test_qr_mask_choice_and_scores_equal_qrcode() -> None:
+    import qrcode
+    from qrcode import util as qr_util
+
+    from signer import _qr_masks
+
+    assert qrcode.main.QRCode.best_mask_pattern is _qr_masks.best_mask_pattern  # installed
+    versions = set()
+    for data, level in _qr_inputs():
+        qr = qrcode.QRCode(error_correction=level)
+        qr.add_data(data)
+        qr.best_fit(start=None)
+        versions.add(qr.version)
+        for pattern in range(8):  # the score of every test layout, not only the winner's
+            qr.makeImpl(True, pattern)
+            rows = [bytes(49 if module else 48 for module in row) for row in qr.modules]
+            assert _qr_masks.lost_point(rows) == qr_util.lost_point(qr.modules), (data, pattern)
+        assert _qr_masks.best_mask_pattern(qr) == _speedups._original_best_mask_pattern(qr), data
+    assert min(versions) == 1 and max(versions) >= 7
+
+
+def test_qr_symbols_are_identical_to_qrcode_s() -> None:
+    import qrcode
+
+    for data, level in _qr_inputs()[:12]:
+        fast = qrcode.QRCode(error_correction=level)
+        fast.add_data(data)
+        fast.make()
+        slow = qrcode.QRCode(error_correction=level)
+        slow.add_data(data)
+        slow.make(fit=True)
+        slow.makeImpl(False, _speedups._original_best_mask_pattern(slow))
+        assert fast.get_matrix() == slow.get_matrix(), data

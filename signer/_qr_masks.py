@@ -1,0 +1,109 @@
+"""qrcode's choice of mask pattern, made fast with the same result (installed by
+:mod:`signer._speedups`).
+
+A stamp with a verification QR code spends most of its time in ``QRCode.best_mask_pattern``:
+qrcode lays out the whole symbol eight times (once per mask, one Python call per module) and
+scores each layout with pure-Python loops — about 8 ms per stamp, more than the signature.
+The eight test layouts differ only in the data modules (qrcode's test layouts leave the format
+information blank), so here the symbol is laid out once by qrcode itself, the data modules are
+noted, and each other mask is derived by flipping the data modules where its mask differs from
+mask 0. The score is computed on rows and columns as byte strings and integers, rule by rule
+exactly as ``qrcode.util.lost_point`` counts (runs of five or more, 2×2 blocks, the 1:1:3:1:1
+finder-like patterns with four light modules, the dark share), and the first mask with the
+lowest score wins, as in qrcode. tests/test_speedups.py compares both over many inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from qrcode import util as qr_util
+
+__all__ = ["best_mask_pattern", "lost_point"]
+
+_RUNS = re.compile(rb"0{5,}|1{5,}")
+_FINDER_LIKE = re.compile(rb"(?=10111010000|00001011101)")
+
+
+def _bits(line: bytes) -> int:
+    return int(line, 2)
+
+
+def lost_point(rows: list[bytes]) -> int:
+    """qrcode's penalty score of a symbol given as rows of ``b"0"``/``b"1"``."""
+    size = len(rows)
+    columns = [bytes(column) for column in zip(*rows, strict=True)]
+    # All rows and columns in one text, kept apart by a byte no pattern contains.
+    text = b"2".join(rows + columns)
+    runs = _RUNS.findall(text)  # rule 1: each run of n ≥ 5 same-coloured modules costs n − 2
+    score = sum(map(len, runs)) - 2 * len(runs)
+    pair_mask = (1 << (size - 1)) - 1  # rule 2: 3 per 2×2 block of one colour
+    values = [_bits(row) for row in rows]
+    for upper, lower in zip(values, values[1:], strict=False):
+        same_vertically = ~(upper ^ lower)
+        same_across = ~(upper ^ (upper >> 1))
+        uniform = same_vertically & (same_vertically >> 1) & same_across & pair_mask
+        score += 3 * uniform.bit_count()
+    score += 40 * len(_FINDER_LIKE.findall(text))  # rule 3: 1:1:3:1:1 beside 4 light modules
+    dark = sum(row.count(b"1") for row in rows)  # rule 4: 10 per 5 % away from half dark
+    percent = float(dark) / (size**2)
+    return score + int(abs(percent * 100 - 50) / 5) * 10
+
+
+# version -> per mask pattern 1..7, per row: the data modules where that mask differs from
+# mask 0, as bits (leftmost module = highest bit). Which modules hold data depends only on
+# the version.
+_flips_by_version: dict[int, list[list[int]]] = {}
+
+
+def _flips(version: int, size: int, data_cells: list[tuple[int, int]]) -> list[list[int]]:
+    found = _flips_by_version.get(version)
+    if found is None:
+        first_mask = qr_util.mask_func(0)
+        found = []
+        for pattern in range(1, 8):
+            mask = qr_util.mask_func(pattern)
+            rows = [0] * size
+            for r, c in data_cells:
+                if mask(r, c) != first_mask(r, c):
+                    rows[r] |= 1 << (size - 1 - c)
+            found.append(rows)
+        _flips_by_version[version] = found
+    return found
+
+
+def best_mask_pattern(qr: Any) -> int:
+    """The mask pattern qrcode's ``QRCode.best_mask_pattern`` picks for ``qr``."""
+    data_cells: list[tuple[int, int]] = []
+    original_map_data = qr.map_data
+
+    def noting_data_cells(data: Any, mask_pattern: int) -> None:
+        data_cells.extend(
+            (r, c) for r, row in enumerate(qr.modules) for c, value in enumerate(row)
+            if value is None
+        )
+        original_map_data(data, mask_pattern)
+
+    if qr.version in _flips_by_version:
+        qr.makeImpl(True, 0)
+    else:
+        qr.map_data = noting_data_cells
+        try:
+            qr.makeImpl(True, 0)
+        finally:
+            del qr.map_data
+    size = len(qr.modules)
+    base = [bytes(49 if value else 48 for value in row) for row in qr.modules]  # b"1", b"0"
+    base_bits = [_bits(row) for row in base]
+    layout_format = f"0{size}b"
+    best, best_score = 0, lost_point(base)
+    for pattern, flips in enumerate(_flips(qr.version, size, data_cells), start=1):
+        layout = [
+            format(bits ^ flip, layout_format).encode() for bits, flip in zip(base_bits, flips,
+                                                                               strict=True)
+        ]
+        score = lost_point(layout)
+        if score < best_score:
+            best, best_score = pattern, score
+    return best
