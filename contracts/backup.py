@@ -72,8 +72,8 @@ from sqlalchemy import (
     Text,
     Uuid,
     func,
-    inspect,
     insert,
+    inspect,
     select,
     text,
 )
@@ -83,7 +83,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from keys import atomic_write
 
 from . import migrate
-from ._db import Base, SQLITE_FILE, make_engine, utcnow
+from ._db import SQLITE_FILE, Base, make_engine, utcnow
 from .errors import ContractsError
 
 __all__ = [
@@ -610,7 +610,9 @@ def _read_checked(path: Path) -> _Checked:
                 manifest_bytes = handle.read()
                 continue
             if not _MEMBER.match(info.name) or _unsafe(info.name):
-                raise _damaged(f"想定外のメンバー {info.name!r}", f"unexpected member {info.name!r}")
+                raise _damaged(
+                    f"想定外のメンバー {info.name!r}", f"unexpected member {info.name!r}"
+                )
             digest = hashlib.sha256()
             keep = info.name.startswith("secrets/")
             kept = bytearray()
@@ -636,7 +638,8 @@ def _read_checked(path: Path) -> _Checked:
         raise _damaged(
             f"SHA-256 が目録と一致しません: {names}", f"SHA-256 does not match: {names}"
         )
-    referenced = [t["member"] for t in manifest["tables"]] + [f["member"] for f in manifest["files"]]
+    referenced = [t["member"] for t in manifest["tables"]]
+    referenced += [f["member"] for f in manifest["files"]]
     if sorted(referenced) != sorted(expected):
         raise _damaged("目録の記載が不整合です", "the manifest is inconsistent")
     return _Checked(manifest, sealed)
@@ -680,7 +683,11 @@ def _parse_manifest(data: bytes) -> dict[str, Any]:
     except BackupError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise _damaged("目録 manifest.json を読めません", f"unreadable manifest.json: {exc}") from exc
+        raise _damaged(
+            "目録 manifest.json を読めません", f"unreadable manifest.json: {exc}"
+        ) from exc
+    if not isinstance(manifest, dict):  # pragma: no cover - checked by .get above
+        raise _damaged("目録 manifest.json を読めません", "unreadable manifest.json")
     return manifest
 
 
@@ -713,7 +720,9 @@ def _decrypt_secrets(checked: _Checked, passphrase: bytes | None) -> dict[str, b
         cipher = _derive(passphrase, salt)
         check = base64.b64decode(encryption["check"], validate=True)
     except (ValueError, KeyError, TypeError) as exc:
-        raise _damaged("暗号化の設定を読めません", f"unreadable encryption parameters: {exc}") from exc
+        raise _damaged(
+            "暗号化の設定を読めません", f"unreadable encryption parameters: {exc}"
+        ) from exc
     try:
         _open_sealed(cipher, "check", check)
     except InvalidTag:

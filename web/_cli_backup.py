@@ -53,12 +53,7 @@ _PASSPHRASE_OPTION = click.option(
 )
 
 
-@click.command("backup")
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@_PASSPHRASE_OPTION
-@click.pass_obj
-@_refusals_exit_1
-def backup_command(settings: Settings, out: Path, passphrase_file: Path | None) -> None:
+def _backup(settings: Settings, out: Path, passphrase_file: Path | None) -> None:
     """Write a backup of this installation to OUT (a new .tar.gz, mode 0600): every table as
     JSON Lines (read in one consistent transaction), every file below KOIN_HOME, the key store;
     secrets that are not encrypted on disk are encrypted with the backup passphrase (AES-256-GCM,
@@ -80,15 +75,7 @@ def backup_command(settings: Settings, out: Path, passphrase_file: Path | None) 
     ))
 
 
-@click.command("restore")
-@click.argument("archive", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
-@_PASSPHRASE_OPTION
-@click.option("--force", is_flag=True,
-              help="Restore even if KOIN_HOME or the database already holds an installation: "
-              "koin's tables are dropped and files of the backup overwrite those present.")
-@click.pass_obj
-@_refusals_exit_1
-def restore_command(
+def _restore(
     settings: Settings, archive: Path, passphrase_file: Path | None, force: bool
 ) -> None:
     """Restore the backup IN into KOIN_HOME and the database of KOIN_DATABASE_URL (SQLite or
@@ -110,3 +97,23 @@ def restore_command(
         f"{report.created_at}, revision {report.revision}, {rows} rows, {report.files} files, "
         f"{report.secrets} secrets)",
     ))
+
+
+# Typed assignments rather than decorators: web.cli imports this module at its end, and mypy
+# cannot type decorated names across that cycle.
+backup_command: click.Command = click.command("backup")(
+    click.argument("out", type=click.Path(dir_okay=False, path_type=Path))(
+        _PASSPHRASE_OPTION(click.pass_obj(_refusals_exit_1(_backup)))
+    )
+)
+restore_command: click.Command = click.command("restore")(
+    click.argument("archive", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))(
+        _PASSPHRASE_OPTION(
+            click.option(
+                "--force", is_flag=True,
+                help="Restore even if KOIN_HOME or the database already holds an installation: "
+                "koin's tables are dropped and files of the backup overwrite those present.",
+            )(click.pass_obj(_refusals_exit_1(_restore)))
+        )
+    )
+)
