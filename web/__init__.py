@@ -64,6 +64,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
 
     from . import (
+        admin_views,
         api,
         api_batches,
         api_contracts,
@@ -104,6 +105,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api_contracts.bp)
     app.register_blueprint(apikey_views.bp)
     app.register_blueprint(batch_views.bp)
+    app.register_blueprint(admin_views.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views
 
