@@ -341,6 +341,7 @@ def audit() -> tuple[str, int]:
     page = _page_number()
     error: KoinError | None = None
     found = None
+    officers: dict[int, User] = {}
     try:
         filters = AuditFilters(
             contract=shown["contract"], document=shown["document"], actor=shown["actor"],
@@ -348,6 +349,7 @@ def audit() -> tuple[str, int]:
         )
         with services.session_factory()() as db:
             found = search_events(db, filters, limit=AUDIT_PAGE, offset=(page - 1) * AUDIT_PAGE)
+            officers = {user.id: user for user in list_users(db)}
     except (_FormInputError, AuditFilterError) as exc:
         error = exc
     return (
@@ -357,6 +359,7 @@ def audit() -> tuple[str, int]:
             filters={k: v for k, v in shown.items() if v},
             shown=shown,
             kinds=list(EventKind),
+            officers=officers,
             page=page,
             error=_text(error.message, error.message_en) if error is not None else None,
         ),
