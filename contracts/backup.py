@@ -815,12 +815,19 @@ def restore_backup(
         )
     say(f"checked {len(manifest['members'])} members")
     home.mkdir(parents=True, exist_ok=True)
+    backed_up = {t["name"] for t in manifest["tables"]}
     try:
         if force and not database_empty:
-            _drop_tables(database_url, {t["name"] for t in manifest["tables"]})
+            _drop_tables(database_url, backed_up)
         migrate.upgrade(database_url, revision)
         counts = _load_rows(archive, manifest, database_url)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, ContractsError) as exc:
+        # The rows are loaded in one transaction; take away the tables made for them too, so
+        # that the target is as empty as it was and the restore can be run again.
+        with suppress(SQLAlchemyError):
+            _drop_tables(database_url, backed_up)
+        if isinstance(exc, ContractsError):
+            raise
         raise BackupError(
             "データベースに行を読み込めません。",
             f"Cannot load the rows into the database ({exc.__class__.__name__}: "

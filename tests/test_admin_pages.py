@@ -238,13 +238,14 @@ def test_roles_and_deactivation(
     assert _login(app.test_client(), SIGNER).status_code == 302
 
     # Never oneself, never the last administrator.
-    for path, form, text_ in (
+    refusals: list[tuple[str, dict[str, object], str]] = [
         ("/admin/users/active", {"user_id": people[ADMIN], "active": "no"},
          "自分のアカウントは無効にできません"),
         ("/admin/users/roles", {"user_id": people[ADMIN], "role": "officer"},
          "最後の管理者は外せません"),
         ("/admin/users/roles", {"user_id": people[OFFICER]}, "役割を一つ以上"),
-    ):
+    ]
+    for path, form, text_ in refusals:
         refused = _post(admin, path, **form)
         assert refused.status_code == 422 and text_ in refused.get_data(as_text=True), form
     assert _user(sessions, ADMIN).roles == {UserRole.ADMIN} and _user(sessions, ADMIN).is_active
@@ -262,13 +263,13 @@ def test_roles_and_deactivation(
                  role=["signer"]).status_code == 303
     assert admin.get("/admin/users").status_code == 403
 
-    for form, status in (({"user_id": "x", "active": "no"}, 400),
-                         ({"user_id": "999999", "active": "no"}, 404),
-                         ({"user_id": str(people[SIGNER]), "active": "maybe"}, 400)):
+    for bad, status in (({"user_id": "x", "active": "no"}, 400),
+                        ({"user_id": "999999", "active": "no"}, 404),
+                        ({"user_id": str(people[SIGNER]), "active": "maybe"}, 400)):
         officer_admin = _client(app, OFFICER)
         answer = officer_admin.post("/admin/users/active", data={
-            "csrf_token": _csrf(officer_admin, "/admin/users"), **form})
-        assert answer.status_code == status, form
+            "csrf_token": _csrf(officer_admin, "/admin/users"), **bad})
+        assert answer.status_code == status, bad
     assert _user(sessions, SIGNER).is_active
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, inspect, select, text
+from sqlalchemy import Engine, MetaData, inspect, select, text
 from sqlalchemy.engine import make_url
 
 from contracts import (
@@ -371,3 +371,88 @@ def test_restore_into_an_installation_needs_force(
     assert forced.returncode == 0, forced.stderr
     assert (home / "assets" / "seal.png").read_bytes() != b"changed"
     assert os.stat(home / "secret_key").st_mode & 0o777 == 0o600
+
+
+def _manifest(archive: Path) -> dict[str, Any]:
+    with tarfile.open(archive) as tar:
+        handle = tar.extractfile("manifest.json")
+        assert handle is not None
+        manifest: dict[str, Any] = json.loads(handle.read())
+        return manifest
+
+
+def test_a_backup_of_an_older_revision_is_migrated_after_loading(
+    koin_home: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "old"
+    shutil.copytree(koin_home, home, ignore=shutil.ignore_patterns("koin.db*"))
+    url = f"sqlite:///{home}/koin.db"
+    upgrade(url, "0009")  # an installation of an older koin
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO users (email, display_name, password_hash, failed_logins, is_active, "
+            "created_at) VALUES ('old@pref.ibaraki.example', 'old', 'x', 0, 1, "
+            "'2026-04-01 00:00:00.000000')"))
+    engine.dispose()
+    archive = tmp_path / "old.tar.gz"
+    made = _koin(home, url, "backup", str(archive))
+    assert made.returncode == 0, made.stderr
+    assert _manifest(archive)["alembic_revision"] == "0009"
+    assert "lta_files" not in {t["name"] for t in _manifest(archive)["tables"]}
+
+    target = tmp_path / "new"
+    target_url = f"sqlite:///{target}/koin.db"
+    restored = _koin(target, target_url, "restore", str(archive))
+    assert restored.returncode == 0, restored.stderr
+    from contracts.migrate import current, head
+
+    assert current(target_url) == head()
+    assert "lta_files" in _table_names(target_url)
+    rows = _all_rows(target_url)["users"]
+    assert [(r[1], r[7]) for r in rows] == [
+        ("old@pref.ibaraki.example", dt.datetime(2026, 4, 1, tzinfo=dt.UTC))]
+
+    # A backup from a newer koin (a revision this one does not know) is refused.
+    newer = _manifest(archive)
+    newer["alembic_revision"] = "9999"
+    future = tmp_path / "future.tar.gz"
+    _rewrite(archive, future, {"manifest.json": json.dumps(newer).encode()})
+    refused = _koin(tmp_path / "other", f"sqlite:///{tmp_path}/other/koin.db", "restore",
+                    str(future))
+    assert refused.returncode == 1 and "newer koin" in refused.stderr
+    assert not (tmp_path / "other").exists()
+
+
+def test_rows_that_do_not_fit_leave_the_target_empty(
+    sqlite_source: tuple[Path, str], tmp_path: Path, postgres_url: str
+) -> None:
+    home, url = sqlite_source
+    archive = tmp_path / "b.tar.gz"
+    assert _koin(home, url, "backup", str(archive)).returncode == 0
+    manifest = _manifest(archive)
+    users = next(t for t in manifest["tables"] if t["name"] == "users")
+    users["columns"].append(["nickname", "str"])  # a column no revision of koin has
+    bad = tmp_path / "bad.tar.gz"
+    _rewrite(archive, bad, {"manifest.json": json.dumps(manifest).encode()})
+    with _schema(postgres_url) as pg_url:
+        refused = _koin(tmp_path / "target", pg_url, "restore", str(bad))
+        assert refused.returncode == 1 and "users does not fit" in refused.stderr
+        assert _table_names(pg_url) == set()
+        again = _koin(tmp_path / "target", pg_url, "restore", str(archive))
+        assert again.returncode == 0, again.stderr
+
+
+def test_the_dump_reads_one_state_of_the_database(engine: Engine) -> None:
+    """What ``koin backup`` reads is one snapshot, whatever is committed meanwhile."""
+    from contracts.backup import _snapshot
+
+    sessions = make_session_factory(engine)
+    with _snapshot(engine) as snapshot:
+        before = snapshot.scalar(text("SELECT count(*) FROM users"))
+        with session_scope(sessions) as session:
+            create_user(session, "meanwhile@pref.ibaraki.example", [UserRole.SIGNER],
+                        password="correct horse battery staple")
+        assert snapshot.scalar(text("SELECT count(*) FROM users")) == before == 0
+    with engine.connect() as connection:
+        assert connection.scalar(text("SELECT count(*) FROM users")) == 1
