@@ -350,8 +350,18 @@ class _Writer:
 
 
 def _walk(home: Path, skip: set[Path]) -> Iterator[tuple[PurePosixPath, Path, bool]]:
-    """``(relative path, path, is_dir)`` of everything to back up below ``home``, sorted."""
-    for folder, dirs, files in os.walk(home):
+    """``(relative path, path, is_dir)`` of everything to back up below ``home``, sorted.
+
+    :raises BackupError: a folder cannot be read (a backup never leaves one out silently).
+    """
+
+    def refuse(exc: OSError) -> None:
+        raise BackupError(
+            f"フォルダ {exc.filename} を読めません。",
+            f"Cannot read the folder {exc.filename} ({exc.__class__.__name__}).",
+        ) from exc
+
+    for folder, dirs, files in os.walk(home, onerror=refuse):
         dirs.sort()
         base = Path(folder)
         for name in dirs:
@@ -365,6 +375,22 @@ def _walk(home: Path, skip: set[Path]) -> Iterator[tuple[PurePosixPath, Path, bo
             if path.resolve() in skip or not path.is_file():
                 continue
             yield PurePosixPath(path.relative_to(home).as_posix()), path, False
+
+
+def _read(path: Path) -> bytes | None:
+    """The file's bytes, or None if it was removed meanwhile (files come and go while koin
+    serves; one gone after the database was read is not needed to restore it).
+
+    :raises BackupError: the file cannot be read.
+    """
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BackupError(
+            f"{path} を読めません。", f"Cannot read {path} ({exc.__class__.__name__})."
+        ) from exc
 
 
 def _skipped_paths(home: Path, database_url: str, out: Path) -> set[Path]:
@@ -412,7 +438,7 @@ def create_backup(
     entries = list(_walk(home, skip))
     plain_secrets = [
         rel.as_posix() for rel, path, is_dir in entries
-        if not is_dir and _is_secret(rel, path.read_bytes())
+        if not is_dir and _is_secret(rel, _read(path) or b"")
     ]
     if plain_secrets and passphrase is None:
         names = ", ".join(plain_secrets)
@@ -493,14 +519,18 @@ def _write_members(
     for relative, path, is_dir in entries:
         try:
             info = path.stat()
-            if is_dir:
-                folders.append({"path": relative.as_posix(), "mode": stat.S_IMODE(info.st_mode)})
-                continue
-            data = path.read_bytes()
+        except FileNotFoundError:
+            continue  # removed since the walk (e.g. a signed copy past its day)
         except OSError as exc:
             raise BackupError(
                 f"{path} を読めません。", f"Cannot read {path} ({exc.__class__.__name__})."
             ) from exc
+        if is_dir:
+            folders.append({"path": relative.as_posix(), "mode": stat.S_IMODE(info.st_mode)})
+            continue
+        data = _read(path)
+        if data is None:
+            continue
         secret = _is_secret(relative, data)
         if secret and cipher is None:  # it became one while the backup was made
             raise BackupError(
