@@ -55,6 +55,7 @@ from typing import IO, Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -225,7 +226,7 @@ def _is_secret(relative: PurePosixPath, data: bytes) -> bool:
     if relative.as_posix() == "secret_key":
         return True
     if name.endswith(_ENCRYPTED_SUFFIXES):
-        return False
+        return _opens_without_password(data)
     if parts[0] == "keys" or parts[:2] == ("pki", "private"):
         if name == "keystore.json":
             return False
@@ -233,6 +234,18 @@ def _is_secret(relative: PurePosixPath, data: bytes) -> bool:
             return False
         return True
     return not data.startswith(b"%PDF") and _PRIVATE_KEY_MARK in data
+
+
+def _opens_without_password(pkcs12_data: bytes) -> bool:
+    """Whether a PKCS#12 file gives up its key without a password (then it is a secret like
+    any other, not a file that is encrypted on disk)."""
+    for password in (None, b""):
+        try:
+            key, _certificate, _chain = pkcs12.load_key_and_certificates(pkcs12_data, password)
+        except (ValueError, TypeError):
+            continue
+        return key is not None
+    return False
 
 
 def _derive(passphrase: bytes, salt: bytes) -> AESGCM:

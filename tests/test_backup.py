@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlalchemy import Engine, MetaData, inspect, select, text
 from sqlalchemy.engine import make_url
 
@@ -291,8 +295,21 @@ def test_secrets_need_a_passphrase(sqlite_source: tuple[Path, str], tmp_path: Pa
     (home / "keys" / "passphrase").unlink()
     made = _koin(home, url, "backup", str(tmp_path / "b.tar.gz"), passphrase=None)
     assert made.returncode == 0, made.stderr
+    with tarfile.open(tmp_path / "b.tar.gz") as tar:
+        assert "files/keys/position.p12" in tar.getnames()  # encrypted with the key passphrase
     again = _koin(home, url, "backup", str(tmp_path / "b.tar.gz"))
     assert again.returncode == 1 and "already exists" in again.stderr
+    # A PKCS#12 file without a password is a secret like any other.
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "plain")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+                   .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (home / "keys" / "plain.p12").write_bytes(pkcs12.serialize_key_and_certificates(
+        b"plain", key, certificate, None, serialization.NoEncryption()))
+    plain = _koin(home, url, "backup", str(tmp_path / "c.tar.gz"), passphrase=None)
+    assert plain.returncode == 1 and "keys/plain.p12" in plain.stderr
 
 
 def test_a_tampered_or_damaged_backup_is_refused_and_nothing_is_written(
