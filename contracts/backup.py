@@ -448,9 +448,8 @@ def create_backup(
         _check_passphrase(passphrase)
     created = now or utcnow()
     skip = _skipped_paths(home, database_url, out)
-    entries = list(_walk(home, skip))
-    plain_secrets = [
-        rel.as_posix() for rel, path, is_dir in entries
+    plain_secrets = [  # refused before anything is written (checked again while writing)
+        rel.as_posix() for rel, path, is_dir in _walk(home, skip)
         if not is_dir and _is_secret(rel, _read(path) or b"")
     ]
     if plain_secrets and passphrase is None:
@@ -469,8 +468,8 @@ def create_backup(
         with os.fdopen(fd, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
                 manifest = _write_members(
-                    _Writer(tar, created.timestamp()), home, database_url, entries,
-                    passphrase, created,
+                    _Writer(tar, created.timestamp()), home, database_url, skip, passphrase,
+                    created,
                 )
             raw.flush()
             os.fsync(raw.fileno())
@@ -491,7 +490,7 @@ def _write_members(
     writer: _Writer,
     home: Path,
     database_url: str,
-    entries: list[tuple[PurePosixPath, Path, bool]],
+    skip: set[Path],
     passphrase: bytes | None,
     created: dt.datetime,
 ) -> dict[str, Any]:
@@ -529,7 +528,8 @@ def _write_members(
     cipher = _derive(passphrase, salt) if passphrase is not None else None
     files: list[dict[str, Any]] = []
     folders: list[dict[str, Any]] = []
-    for relative, path, is_dir in entries:
+    # Listed after the database was read: every file a row of the dump refers to is there.
+    for relative, path, is_dir in _walk(home, skip):
         try:
             info = path.stat()
         except FileNotFoundError:
