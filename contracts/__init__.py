@@ -69,6 +69,7 @@ from .documents import (
     get_document,
     normalize_document_id,
     record_signed_document,
+    record_signed_documents,
     require_document,
 )
 from .errors import (
@@ -369,6 +370,7 @@ __all__ = [
     "party_answer",
     "party_counts",
     "record_signed_document",
+    "record_signed_documents",
     "require_contract",
     "require_document",
     "resend_invitations",

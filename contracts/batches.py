@@ -54,8 +54,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     String,
+    Table,
     UniqueConstraint,
     and_,
+    bindparam,
     exists,
     func,
     or_,
@@ -80,15 +82,15 @@ from signer import (
 )
 from timestamp import TimestampError
 
-from . import lta
+from . import lta, metrics
 from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcnow
 from ._durable import stage_file, sync_filesystem
 from ._periodic import PeriodicWorker
 from .accounts import User, UserRole, has_role
-from .documents import get_document, record_signed_document
+from .documents import record_signed_documents
 from .errors import BatchNotFound, InvalidBatchData, InvalidBatchState
 from .mail import retry_delay
-from .models import SigningChannel
+from .models import SignedDocument, SigningChannel
 from .templates import require_template, template_options
 from .webhooks import WebhookEvent, batch_finished_data, enqueue_event
 
@@ -790,10 +792,15 @@ def _prepare_many(
         missing = set(row_ids) - set(rows)
         if missing:
             raise ValueError(f"no batch documents {sorted(missing)}")
+        ours = [
+            rows[row_id] for row_id in row_ids
+            if rows[row_id].state == DocumentState.RUNNING and rows[row_id].lease_owner == owner
+        ]
+        document_ids = _reserve_document_ids(session, ours, owner=owner, moment=moment)
         options_of: dict[int, tuple[Batch, SignOptions]] = {}
-        for row_id in row_ids:
-            row = rows[row_id]
-            if row.state != DocumentState.RUNNING or row.lease_owner != owner:
+        for row in ours:
+            document_id = document_ids.get(row.id)
+            if document_id is None:  # taken over by another worker meanwhile
                 continue
             if row.batch_id not in options_of:
                 batch = session.get_one(Batch, row.batch_id)
@@ -802,18 +809,6 @@ def _prepare_many(
                 )
                 options_of[row.batch_id] = (batch, options)
             batch, options = options_of[row.batch_id]
-            document_id = row.document_id
-            if document_id is None:
-                reserved = new_document_id()
-                result = session.execute(
-                    update(BatchDocument)
-                    .where(*_ours(row_id, owner), BatchDocument.document_id.is_(None))
-                    .values(document_id=reserved, updated_at=moment),
-                    execution_options={"synchronize_session": False},
-                )
-                if rowcount(result) != 1:
-                    continue
-                document_id = reserved
             relative = output_relative(batch, row)
             jobs.append(
                 _Job(
@@ -831,6 +826,45 @@ def _prepare_many(
                 )
             )
     return jobs
+
+
+def _reserve_document_ids(
+    session: Session, rows: Sequence[BatchDocument], *, owner: str, moment: dt.datetime
+) -> dict[int, str]:
+    """Row id → document ID for ``rows`` that are still ``owner``'s: those without one get a
+    new one (one UPDATE for all, guarded like a single claim), then one SELECT reads back
+    which rows carry what, so a row taken over meanwhile is left out."""
+    fresh = {row.id: new_document_id() for row in rows if row.document_id is None}
+    if fresh:
+        table = BatchDocument.__table__
+        assert isinstance(table, Table)
+        session.connection().execute(
+            update(table)
+            .where(
+                table.c.id == bindparam("row_id"),
+                table.c.lease_owner == owner,
+                table.c.state == DocumentState.RUNNING.value,
+                table.c.document_id.is_(None),
+            )
+            .values(document_id=bindparam("reserved"), updated_at=moment),
+            [{"row_id": row_id, "reserved": reserved} for row_id, reserved in fresh.items()],
+        )
+    held = {
+        row_id: document_id
+        for row_id, document_id in session.execute(
+            select(BatchDocument.id, BatchDocument.document_id).where(
+                BatchDocument.id.in_([row.id for row in rows]),
+                BatchDocument.lease_owner == owner,
+                BatchDocument.state == DocumentState.RUNNING.value,
+            )
+        )
+        if document_id is not None
+    }
+    # A fresh row whose document ID is not the one reserved here was reserved by another.
+    return {
+        row.id: held[row.id] for row in rows
+        if row.id in held and (row.id not in fresh or held[row.id] == fresh[row.id])
+    }
 
 
 def _ours(row_id: int, owner: str) -> tuple[Any, ...]:
@@ -916,41 +950,66 @@ def _mark_done(
     certificate = context.signer.signing_cert
     subject = certificate.subject.human_friendly if certificate is not None else "?"
     with session_scope(sessions) as session:
-        for job, signed in finished:
-            result = session.execute(
-                update(BatchDocument)
-                .where(*_ours(job.row_id, owner))
-                .values(
-                    state=DocumentState.DONE.value, output_path=job.output_relative,
-                    output_sha256=signed.sha256, lease_owner=None, lease_until=None,
-                    error=None, error_en=None, updated_at=moment,
-                ),
-                execution_options={"synchronize_session": False},
+        # A handful of statements for the whole chunk, whatever its size: the rows still
+        # ours (locked until the commit), one UPDATE executed for all of them, the documents
+        # not yet recorded, one INSERT each for the records and the B-LTA registrations.
+        ours = set(session.scalars(
+            select(BatchDocument.id)
+            .where(
+                BatchDocument.id.in_([job.row_id for job, _ in finished]),
+                BatchDocument.lease_owner == owner,
+                BatchDocument.state == DocumentState.RUNNING.value,
             )
-            if rowcount(result) != 1:
+            .with_for_update()
+        ))
+        for job, _ in finished:
+            if job.row_id not in ours:
                 log.warning(
                     "batch document %d: lease lost before it was marked done", job.row_id
                 )
-                continue
-            known = get_document(session, job.document_id)
-            if known is None or known.sha256 != signed.sha256:
-                record_signed_document(
-                    session,
-                    document_id=job.document_id,
-                    sha256=signed.sha256,
-                    signer_role=Role.POSITION.value,
-                    signer_subject=subject,
-                    level=signed.level,
-                    signed_at=signed.signed_at,
-                    file_name=job.file_name[-255:],
-                    signed_by=job.created_by,
-                    template=job.template,
-                    channel=SigningChannel.BATCH,
-                )
-            lta.register_stored_file(
-                session, lta.LtaKind.BATCH_DOCUMENT, job.output_relative, signed.sha256,
-                document_id=job.document_id, now=moment,
+        mine = [(job, signed) for job, signed in finished if job.row_id in ours]
+        if not mine:
+            return
+        table = BatchDocument.__table__
+        assert isinstance(table, Table)
+        session.connection().execute(
+            update(table)
+            .where(
+                table.c.id == bindparam("row_id"),
+                table.c.lease_owner == owner,
+                table.c.state == DocumentState.RUNNING.value,
             )
+            .values(
+                state=DocumentState.DONE.value, output_path=bindparam("done_path"),
+                output_sha256=bindparam("done_sha256"), lease_owner=None, lease_until=None,
+                error=None, error_en=None, updated_at=moment,
+            ),
+            [{"row_id": job.row_id, "done_path": job.output_relative,
+              "done_sha256": signed.sha256} for job, signed in mine],
+        )
+        recorded = {document_id: sha256 for document_id, sha256 in session.execute(
+            select(SignedDocument.document_id, SignedDocument.sha256)
+            .where(SignedDocument.document_id.in_([job.document_id for job, _ in mine]))
+        )}
+        new = [(job, signed) for job, signed in mine
+               if recorded.get(job.document_id) != signed.sha256]
+        record_signed_documents(session, [
+            {
+                "document_id": job.document_id, "sha256": signed.sha256,
+                "signer_role": Role.POSITION.value, "signer_subject": subject,
+                "level": signed.level, "signed_at": signed.signed_at,
+                "file_name": job.file_name[-255:], "signed_by": job.created_by,
+                "template": job.template, "channel": SigningChannel.BATCH,
+            }
+            for job, signed in new
+        ])
+        lta.register_stored_files(
+            session, lta.LtaKind.BATCH_DOCUMENT,
+            [(job.output_relative, signed.sha256, job.document_id) for job, signed in mine],
+            now=moment,
+        )
+    for _, signed in new:  # committed: each document counts once
+        metrics.count_signed(Role.POSITION, signed.level)
 
 
 def _release(
@@ -1064,7 +1123,8 @@ def sign_documents(
                     (job, _check_existing(job, source, job.output_path.read_bytes(), context))
                 )
                 continue
-            result = sign_pdf(source, context, job.options)
+            with metrics.timed_signature(Role.POSITION):
+                result = sign_pdf(source, context, job.options)
             assert result.data is not None
             temporary = stage_file(job.output_path.parent, job.output_path.name, result.data)
             signed = _Signed(result.sha256, result.level, result.signed_at)

@@ -20,6 +20,7 @@ __all__ = [
     "get_document",
     "normalize_document_id",
     "record_signed_document",
+    "record_signed_documents",
     "require_document",
 ]
 
@@ -155,6 +156,53 @@ def record_signed_document(
     if differing:
         raise DuplicateDocument(values["document_id"], differing)
     return existing
+
+
+def _insert_statement(session: Session, rows: list[dict[str, Any]]) -> Any:
+    dialect = session.get_bind(SignedDocument).dialect.name
+    if dialect not in ("postgresql", "sqlite"):
+        raise ContractsError(
+            f"データベース {dialect} には対応していません。",
+            f"The database {dialect} is not supported.",
+            backend=dialect,
+        )
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        insert(SignedDocument).values(rows)
+        .on_conflict_do_nothing(index_elements=[SignedDocument.document_id])
+        .returning(SignedDocument.document_id)
+    )
+
+
+def record_signed_documents(session: Session, records: list[dict[str, Any]]) -> None:
+    """Record many signed documents at once, each given as the keyword arguments of
+    :func:`record_signed_document`, with the same idempotence and conflict rules, in three
+    statements whatever their number (a batch records its documents together).
+
+    :raises DuplicateDocument: one of the document IDs is already recorded with other data.
+    :raises ValueError: a malformed record (see :func:`record_signed_document`), or one
+        document ID twice.
+    :raises ContractsError: the session's database is neither SQLite nor PostgreSQL.
+    """
+    optional = {"file_name": None, "page_count": None, "signed_by": None, "template": None,
+                "channel": None}
+    rows = [_checked_values(**{**optional, **record}) for record in records]
+    if not rows:
+        return
+    wanted = {row["document_id"]: row for row in rows}
+    if len(wanted) != len(rows):
+        raise ValueError("a document ID appears twice among the records")
+    inserted = set(session.scalars(_insert_statement(session, rows)))
+    others = [document_id for document_id in wanted if document_id not in inserted]
+    if not others:
+        return
+    for existing in session.scalars(
+        select(SignedDocument).where(SignedDocument.document_id.in_(others))
+    ):
+        values = wanted[existing.document_id]
+        differing = [name for name, value in values.items() if getattr(existing, name) != value]
+        if differing:
+            raise DuplicateDocument(existing.document_id, differing)
 
 
 def get_document(session: Session, document_id: str) -> SignedDocument | None:

@@ -80,6 +80,7 @@ from signer import (
 )
 from timestamp import TimestampError
 
+from . import metrics
 from ._db import Base, aware_utc, claim_predicate, rowcount, session_scope, utcnow
 from ._periodic import PeriodicWorker
 from .audit import append_event
@@ -111,6 +112,7 @@ __all__ = [
     "register_contract",
     "register_existing",
     "register_stored_file",
+    "register_stored_files",
     "renew_due",
 ]
 
@@ -330,13 +332,15 @@ def _due(policy: LtaPolicy, moment: dt.datetime) -> Any:
 # -- registering stored files -----------------------------------------------------------------
 
 
-def _insert_ignoring_duplicates(session: Session, values: dict[str, Any]) -> None:
+def _insert_ignoring_duplicates(
+    session: Session, values: dict[str, Any] | list[dict[str, Any]]
+) -> None:
     dialect = session.get_bind(LtaFile).dialect.name
     statement: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
-        statement = postgresql.insert(LtaFile).values(**values).on_conflict_do_nothing()
+        statement = postgresql.insert(LtaFile).values(values).on_conflict_do_nothing()
     elif dialect == "sqlite":
-        statement = sqlite.insert(LtaFile).values(**values).on_conflict_do_nothing()
+        statement = sqlite.insert(LtaFile).values(values).on_conflict_do_nothing()
     else:
         raise ContractsError(
             f"データベース {dialect} には対応していません。",
@@ -372,6 +376,33 @@ def register_stored_file(
         "contract_id": contract_id, "original_sha256": sha256, "sha256": sha256,
         "renewals": 0, "attempts": 0, "registered_at": moment,
     })
+
+
+def register_stored_files(
+    session: Session,
+    kind: LtaKind,
+    files: Sequence[tuple[str, str, str | None]],
+    *,
+    now: dt.datetime | None = None,
+) -> None:
+    """:func:`register_stored_file` for many ``(path, sha256, document ID)`` at once, in one
+    statement (a batch registers its documents together).
+
+    :raises ValueError: as :func:`register_stored_file`.
+    """
+    if kind is LtaKind.CHAIN_HEAD_TOKEN:
+        raise ValueError("chain-head tokens are registered with register_contract")
+    moment = aware_utc(now)
+    rows = []
+    for path, sha256, document_id in files:
+        _home_relative(path)
+        rows.append({
+            "kind": kind.value, "path": path, "document_id": document_id, "contract_id": None,
+            "original_sha256": sha256, "sha256": sha256, "renewals": 0, "attempts": 0,
+            "registered_at": moment,
+        })
+    if rows:
+        _insert_ignoring_duplicates(session, rows)
 
 
 def register_contract(
@@ -1112,6 +1143,7 @@ def _renew_claimed(run: _Run, file_id: int, report: LtaReport) -> None:
         log.warning("LTA: %s changed hands before it was recorded; nothing written", snap.label)
     except TimestampError as exc:
         log.warning("LTA: %s not renewed, TSA unavailable: %s", snap.label, exc.message_en)
+        metrics.count_tsa_error()
         report.failed.append((snap.label, exc.message, exc.message_en))
         _release(run, snap, exc, transient=True)
     except (LtaFileError, LtaError, InvalidPdfError) as exc:

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from keys import Role
 from signer import SigningContext, SignOptions, SignResult, sign_pdf
 
+from . import metrics
 from ._db import session_scope
 from .documents import record_signed_document
 from .models import SigningChannel
@@ -41,7 +42,8 @@ def sign_and_record(
     :raises KoinError: as :func:`signer.sign_pdf`, or the record could not be written
         (:class:`~contracts.errors.DuplicateDocument`).
     """
-    result = sign_pdf(source, context, options, output=output)
+    with metrics.timed_signature(role):
+        result = sign_pdf(source, context, options, output=output)
     certificate = context.signer.signing_cert
     subject = certificate.subject.human_friendly if certificate is not None else "?"
     try:
@@ -63,4 +65,5 @@ def sign_and_record(
         if output is not None:
             output.unlink(missing_ok=True)
         raise
+    metrics.count_signed(role, result.level)
     return result

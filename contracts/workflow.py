@@ -82,9 +82,10 @@ from signer import (
     new_document_id,
     sign_pdf,
 )
+from timestamp import TimestampError
 
 from . import _contract_mails as mails
-from . import lta
+from . import lta, metrics
 from ._db import aware_utc, rowcount, session_scope, utcnow
 from .accounts import User, UserRole
 from .audit import EventData, append_event, chain_head
@@ -1800,7 +1801,8 @@ def _make_final(
         reason=_witness_reason(snapshot),
         document_id=snapshot.document_id,
     )
-    result = sign_pdf(unsigned, context, options)
+    with metrics.timed_signature(Role.WITNESS):
+        result = sign_pdf(unsigned, context, options)
     assert result.data is not None
     if not _publish_once(path, result.data):
         existing = _existing_final(path, original, context, installation)
@@ -1822,7 +1824,13 @@ def _timestamp_head(installation: Installation, tsa_urls: Sequence[str], head: s
     :raises TimestampError: no TSA answered correctly.
     """
     stamper = installation.timestamper(tsa_urls)
-    token: cms.ContentInfo = asyncio.run(stamper.async_timestamp(bytes.fromhex(head), "sha256"))
+    try:
+        token: cms.ContentInfo = asyncio.run(
+            stamper.async_timestamp(bytes.fromhex(head), "sha256")
+        )
+    except TimestampError:
+        metrics.count_tsa_error()
+        raise
     return bytes(token.dump())
 
 
@@ -1916,9 +1924,12 @@ def complete_contract(
             },
         )
         with session_scope(sessions) as session:
-            return _finish(
+            outcome = _finish(
                 session, snapshot, owner, final, (signed, completed, stamped), token, base, moment
             )
+        if outcome is CompletionOutcome.COMPLETED:  # recorded once, when completed
+            metrics.count_signed(Role.WITNESS, SignatureLevel.B_T)
+        return outcome
     except BaseException:
         _release(sessions, contract_id, owner)
         raise

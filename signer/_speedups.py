@@ -14,6 +14,11 @@ what they decide (installed once, when :mod:`signer` is imported).
   name (per RDN: its number of attributes and asn1crypto's own normalised text, which is what
   asn1crypto compares) is computed once per distinct DER and remembered for the last few
   thousand names; identical encodings are equal at once.
+* **Retagged names** (``Name.retag``): revocation checking wraps the CRL issuer's name in a
+  ``GeneralName`` (explicitly tagged ``[4]``) for every certificate and CRL, and asn1crypto
+  retags by deep-copying the whole parsed name tree (about a third of the CRL checks). A name
+  read from DER and not changed since is retagged from its encoding instead; the copy parses
+  it again when (if ever) it is looked into. Anything else goes to asn1crypto's own retag.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ _installed = False
 _original_hex_reader = generic.read_hex_string_from_stream
 _original_name_eq = asn1_x509.Name.__eq__
 _original_name_hashable = asn1_x509.Name.hashable
+_original_name_retag = asn1_x509.Name.retag
 
 
 def _read_hex_string(stream: Any) -> Any:
@@ -100,6 +106,20 @@ def _name_hashable(self: asn1_x509.Name) -> str:
     return found
 
 
+def _name_retag(self: asn1_x509.Name, tagging: Any, tag: Any = None) -> asn1_x509.Name:
+    encoded = self._contents
+    parsed = self._parsed
+    if encoded is None or (parsed is not None and parsed._is_mutated()):
+        return _original_name_retag(self, tagging, tag)
+    if not isinstance(tagging, dict):
+        tagging = {tagging: tag}
+    retagged = self.__class__(explicit=tagging.get("explicit"), implicit=tagging.get("implicit"))
+    retagged._contents = encoded
+    retagged._choice = self._choice
+    retagged._name = self._name
+    return retagged
+
+
 def install() -> None:
     """Install them (idempotent)."""
     global _installed
@@ -108,4 +128,5 @@ def install() -> None:
     generic.read_hex_string_from_stream = _read_hex_string
     asn1_x509.Name.__eq__ = _name_eq
     asn1_x509.Name.hashable = property(_name_hashable)
+    asn1_x509.Name.retag = _name_retag
     _installed = True

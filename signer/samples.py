@@ -19,7 +19,7 @@ from pyhanko.pdf_utils.writer import PageObject, PdfFileWriter
 from ._era import japanese_era_year
 from ._stamp import InMemoryFontFactory
 
-__all__ = ["A4", "make_permit_pdf", "numbered_copies"]
+__all__ = ["A4", "make_notice_pdf", "make_permit_pdf", "numbered_copies"]
 
 A4 = (595.28, 841.89)
 
@@ -64,13 +64,24 @@ def make_permit_pdf(
 ) -> bytes:
     """A one-or-more page A4 permit notice (建設業許可通知書) in Japanese."""
     issued = issued or dt.date.today()
+    return _draw(font_file, [_permit_text(number, issued, page, pages)
+                             for page in range(1, pages + 1)])
+
+
+def make_notice_pdf(font_file: Path, text: str) -> bytes:
+    """A one-page A4 document holding ``text`` (lines, top-left, 11 pt) in the installation's
+    CJK font: any other notice or contract, for demos."""
+    return _draw(font_file, [text])
+
+
+def _draw(font_file: Path, pages: list[str]) -> bytes:
     writer = PdfFileWriter()
     font = InMemoryFontFactory(str(font_file), font_size=11, font_data=font_file.read_bytes())
     style = TextBoxStyle(font=font, font_size=11, leading=20)
-    for page in range(1, pages + 1):
+    for content in pages:
         resources = PdfResources()
         box = TextBox(style, writer=writer, resources=resources, box=None)
-        box.content = _permit_text(number, issued, page, pages)
+        box.content = content
         text = box.render()  # fixes the box height
         commands = b"q 1 0 0 1 72 %g cm %s Q" % (A4[1] - 72 - box.box.height, text)
         stream = writer.add_object(generic.StreamObject(stream_data=commands))

@@ -30,6 +30,7 @@ from contracts import (
     make_engine,
     make_session_factory,
     record_signed_document,
+    record_signed_documents,
     require_document,
     session_scope,
 )
@@ -387,3 +388,29 @@ def test_sqlite_database_file_is_owner_only(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert stat.S_IMODE((tmp_path / "home" / "koin.db").stat().st_mode) == 0o600
+
+
+def test_many_records_at_once_follow_the_same_rules(sessions: sessionmaker[Session]) -> None:
+    already = fields()
+    with session_scope(sessions) as session:
+        record_signed_document(session, **already)
+    fresh = [fields(file_name=f"許可書-{n}.pdf") for n in range(3)]
+    same_again = {**already, "document_id": already["document_id"].lower().replace("-", "")}
+    with session_scope(sessions) as session:
+        record_signed_documents(session, [*fresh, same_again])  # identical re-record: no-op
+    assert count_rows(sessions) == 4
+    with sessions() as session:
+        for values in fresh:
+            stored = get_document(session, values["document_id"])
+            assert stored is not None and stored.file_name == values["file_name"]
+    other = fields()
+    with pytest.raises(DuplicateDocument) as caught, session_scope(sessions) as session:
+        record_signed_documents(session, [other, {**fresh[1], "sha256": "e" * 64}])
+    assert caught.value.document_id == fresh[1]["document_id"]
+    assert caught.value.differing == ("sha256",)
+    assert count_rows(sessions) == 4  # nothing of the refused call is kept
+    with pytest.raises(ValueError, match="twice"), session_scope(sessions) as session:
+        record_signed_documents(session, [other, other])
+    with session_scope(sessions) as session:
+        record_signed_documents(session, [])
+    assert count_rows(sessions) == 4

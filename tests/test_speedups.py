@@ -67,3 +67,42 @@ def test_names_compare_as_rfc_5280_says() -> None:
     # a name inside a context tag (as in GeneralName) still compares by content
     general = asn1_x509.GeneralName(name="directory_name", value=a)
     assert general.chosen == a and original(general.chosen, a)
+
+
+def _names_in_many_shapes() -> list[asn1_x509.Name]:
+    built = _name(country_name="JP", organization_name="茨城県", common_name="茨城県知事")
+    loaded = asn1_x509.Name.load(built.dump())
+    looked_into = asn1_x509.Name.load(built.dump())
+    _ = looked_into.native, looked_into.hashable  # parsed before it is retagged
+    changed = asn1_x509.Name.load(built.dump())
+    changed.chosen[0][0]["value"] = asn1_x509.DirectoryString(
+        name="utf8_string", value="千葉県")  # mutated in place: its DER is stale
+    return [built, loaded, looked_into, changed]
+
+
+@pytest.mark.parametrize("tagging", [{"explicit": 4}, {"explicit": (2, 1)}, "explicit"])
+def test_retagged_names_equal_asn1crypto_retag(tagging: object) -> None:
+    assert asn1_x509.Name.retag is _speedups._name_retag  # installed
+    tag = 4 if isinstance(tagging, str) else None
+    for name in _names_in_many_shapes():
+        fast = _speedups._name_retag(name, tagging, tag)
+        slow = _speedups._original_name_retag(name, tagging, tag)
+        assert fast.dump() == slow.dump()
+        assert fast.native == slow.native == name.native
+        assert fast.explicit == slow.explicit and fast.implicit == slow.implicit
+        assert fast.chosen.dump() == name.chosen.dump()
+        assert fast is not name and fast.chosen is not name.chosen  # an independent copy
+
+
+def test_implicit_tagging_of_a_name_is_refused_alike() -> None:
+    for retag in (_speedups._name_retag, _speedups._original_name_retag):
+        with pytest.raises(ValueError, match="can not be implicitly tagged"):
+            retag(asn1_x509.Name.load(_name(common_name="x").dump()), {"implicit": 4})
+
+
+def test_general_name_of_a_certificate_issuer_is_unchanged() -> None:
+    name = asn1_x509.Name.load(
+        _name(country_name="JP", common_name="Koin Demo Root CA").dump())
+    general = asn1_x509.GeneralName(name="directory_name", value=name)
+    assert general.dump() == asn1_x509.GeneralName.load(general.dump()).dump()
+    assert general.chosen == name and general.dump()[:1] == b"\xa4"

@@ -56,6 +56,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         # X-Forwarded-For/-Proto are trusted, and overrides of DEFAULT_RATE_LIMITS.
         KOIN_TRUSTED_PROXIES=settings.trusted_proxies,
         KOIN_RATE_LIMITS={},
+        # Operations (web.metrics, web.status_views): bearer token of /metrics (None: open),
+        # days before a certificate's expiry from which the status page warns.
+        KOIN_METRICS_TOKEN=settings.metrics_token,
+        KOIN_CERT_WARNING_DAYS=settings.cert_warning_days,
     )
     if config:
         app.config.from_mapping(config)
@@ -72,16 +76,21 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         auth,
         batch_views,
         contract_views,
+        health,
         i18n,
+        logs,
+        metrics,
         party_views,
         pki,
         security,
         services,
+        status_views,
         template_views,
         verify_views,
         webhook_views,
     )
 
+    logs.init_app(app)
     i18n.init_app(app)
     services.init_app(app)
     auth.init_app(app)
@@ -106,6 +115,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(apikey_views.bp)
     app.register_blueprint(batch_views.bp)
     app.register_blueprint(admin_views.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
+    app.register_blueprint(status_views.bp)
     if app.config["KOIN_DEV_MODE"] in (True, 1, "1", "true"):
         from . import devmail_views
 

@@ -85,16 +85,11 @@ def cli(ctx: click.Context, server: str | None, api_key_file: Path | None) -> No
     if server and ctx.invoked_subcommand not in ("sign", "sign-batch"):
         raise click.UsageError("--server works with sign and sign-batch only")
     # KOIN_LOG_LEVEL (DEBUG, INFO, WARNING …): how much goes to stderr; secrets never do.
-    level = os.environ.get("KOIN_LOG_LEVEL", "").strip().upper()
-    logging.basicConfig(
-        level=level if level in logging.getLevelNamesMapping() else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if not level:
-        # pyHanko logs every chain or timestamp problem it meets in a signature as a warning
-        # with a traceback; koin's own message or report says what failed (set KOIN_LOG_LEVEL
-        # to see pyHanko's detail).
-        logging.getLogger("pyhanko").setLevel(logging.ERROR)
+    # KOIN_LOG_FORMAT=json: one JSON object per line (web.logs); pyHanko's warnings only with
+    # KOIN_LOG_LEVEL set.
+    from .logs import configure_logging
+
+    configure_logging()
 
 
 def _installation(settings: Settings) -> Installation:
@@ -1343,6 +1338,9 @@ from ._cli_backup import backup_command, restore_command  # noqa: E402
 
 cli.add_command(backup_command)
 cli.add_command(restore_command)
+from ._cli_demo import demo  # noqa: E402
+
+cli.add_command(demo)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -125,3 +125,11 @@ class Settings:
     trusted_proxies: int = field(
         default_factory=lambda: int(os.environ.get("KOIN_TRUSTED_PROXIES", "").strip() or 0)
     )
+    #: Bearer token that scrapers of ``/metrics`` must send; None: the page is open.
+    metrics_token: str | None = field(
+        default_factory=lambda: os.environ.get("KOIN_METRICS_TOKEN", "").strip() or None
+    )
+    #: The admin status page warns this many days before a certificate expires.
+    cert_warning_days: int = field(
+        default_factory=lambda: int(os.environ.get("KOIN_CERT_WARNING_DAYS", "").strip() or 90)
+    )

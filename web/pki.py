@@ -22,12 +22,6 @@ def _pki_dir() -> Path:
     return Path(current_app.config["KOIN_HOME"]) / "pki"
 
 
-@bp.get("/healthz")
-def healthz() -> dict[str, str]:
-    """:raise: never; the process is up."""
-    return {"status": "ok"}
-
-
 @bp.get("/pki/<name>.crl")
 def crl(name: str) -> Response:
     """The DER CRL of one of our CAs.

@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, render_template
 from werkzeug.exceptions import RequestEntityTooLarge
 
 import contracts
+from contracts import metrics
 from contracts.lta import lta_file_of_document
 from signer import Report, VerifyInputError, verify_pdf_isolated
 
@@ -26,11 +27,17 @@ def run_verification(data: bytes) -> Report:
 
     :raises VerifyInputError: the file cannot be verified (the message says why).
     """
-    return verify_pdf_isolated(
-        data,
-        services.verify_policy(),
-        time_limit=float(current_app.config["KOIN_VERIFY_TIME_LIMIT"]),
-    )
+    try:
+        report = verify_pdf_isolated(
+            data,
+            services.verify_policy(),
+            time_limit=float(current_app.config["KOIN_VERIFY_TIME_LIMIT"]),
+        )
+    except VerifyInputError:
+        metrics.count_verification("rejected")
+        raise
+    metrics.count_verification(report.indication.value)
+    return report
 
 
 def verify_rate_limited() -> int | None:

@@ -641,6 +641,49 @@ ENGLISH = {
     ),
     # security (rate limits)
     "しばらくお待ちください": "Please wait a moment",
+    # ops: health, metrics and the admin status page (admin_status.html)
+    "稼働状況": "Service status",
+    "署名に必要なものが、いま使える状態かを確認します。"
+    "同じ確認結果は /readyz でも JSON で取得できます。": (
+        "Whether everything signing needs can be used right now. The same checks are available "
+        "as JSON at /readyz."
+    ),
+    "すべての確認項目が正常です。": "All checks passed.",
+    "異常のある項目があります:": "Failing:",
+    "データベース": "Database",
+    "ジョブの受け渡し(ブローカー)": "Job broker",
+    "鍵ストア": "Key store",
+    "タイムスタンプ局(TSA)": "Time-stamping authority (TSA)",
+    "職責署名の鍵": "Position key",
+    "立会人署名の鍵": "Witness key",
+    "認証局": "Certificate authority",
+    "準備状況の確認": "Readiness checks",
+    "項目": "Check",
+    "詳細": "Detail",
+    "正常": "OK",
+    "異常": "Failing",
+    "鍵ストアの証明書": "Key store certificates",
+    "有効期限切れ、または %(days)s 日以内に期限が切れる証明書があります。"
+    "更新の準備をしてください。": (
+        "A certificate has expired or expires within %(days)s days. Prepare its renewal."
+    ),
+    "用途": "Use",
+    "主体者": "Subject",
+    "シリアル番号": "Serial number",
+    "有効期限": "Valid until",
+    "読み込めません": "Cannot be loaded",
+    "あと %(days)s 日で期限切れ": "expires in %(days)s days",
+    "あと %(days)s 日": "%(days)s days left",
+    "使用している TSA": "TSA in use",
+    "外部の TSA(上から順に使用)": "External TSAs (tried in this order)",
+    "内蔵 TSA(この koin の TSA 鍵)": "Embedded TSA (this koin's TSA key)",
+    "確認結果": "Check result",
+    "TSA 証明書の有効期限": "TSA certificate valid until",
+    "処理待ち": "Queues",
+    "一括署名で署名を待つ文書": "Batch documents waiting to be signed",
+    "一括署名で署名中の文書": "Batch documents being signed",
+    "送信を待つメール": "Mail messages due to be sent",
+    "データベースを読めないため表示できません。": "Not shown: the database cannot be read.",
     # admin: administrator's pages (web/admin_views.py, admin_*.html, base.html)
     "管理": "Administration",
     "管理者だけが使えるページです。": "Pages for administrators only.",
@@ -655,7 +698,6 @@ ENGLISH = {
         "Search audit events by contract, document, actor and period, and check for tampering"
     ),
     "印影の位置と署名の設定": "Stamp positions and signing settings",
-    "稼働状況": "Service status",
     "サービスの状態(データベース、キュー、証明書の期限など)": (
         "State of the service (database, queues, certificate expiry and more)"
     ),
