@@ -15,6 +15,7 @@ The backup is a gzip-compressed tar holding::
     manifest.json                (last) koin version, Alembic revision, creation time, the
                                  tables with their column types, the files with mode and
                                  modification time, and the SHA-256 of every other member
+                                 (with a passphrase, the manifest itself is sealed too)
 
 The database is read in one read-only transaction (REPEATABLE READ on PostgreSQL, a single
 read transaction on SQLite), so the dump is one consistent state; files are read after it, so a
@@ -571,17 +572,29 @@ def _write_members(
         "tables": tables,
         "folders": folders,
         "files": files,
-        "encryption": None if cipher is None else {
-            "cipher": "AES-256-GCM", "kdf": "scrypt", "n": _SCRYPT_N, "r": _SCRYPT_R,
-            "p": _SCRYPT_P, "salt": base64.b64encode(salt).decode("ascii"),
-            "nonce_bytes": _NONCE_BYTES, "associated_data": "member name",
-            # lets a restore tell a wrong passphrase from a damaged member
-            "check": base64.b64encode(_seal(cipher, "check", b"koin")).decode("ascii"),
-        },
         "members": dict(writer.hashes),
+    }
+    manifest["encryption"] = None if cipher is None else {
+        "cipher": "AES-256-GCM", "kdf": "scrypt", "n": _SCRYPT_N, "r": _SCRYPT_R,
+        "p": _SCRYPT_P, "salt": base64.b64encode(salt).decode("ascii"),
+        "nonce_bytes": _NONCE_BYTES, "associated_data": "member name",
+        # lets a restore tell a wrong passphrase from a damaged member
+        "check": base64.b64encode(_seal(cipher, "check", b"koin")).decode("ascii"),
+        # the rest of the manifest, sealed: whoever lacks the passphrase cannot alter a member
+        # and its SHA-256 together unnoticed
+        "manifest_seal": base64.b64encode(
+            _seal(cipher, "manifest", _manifest_digest(manifest))
+        ).decode("ascii"),
     }
     writer.add(MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
     return manifest
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> bytes:
+    """SHA-256 of the manifest without its encryption block (canonical JSON)."""
+    rest = {key: value for key, value in manifest.items() if key != "encryption"}
+    text_ = json.dumps(rest, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text_.encode("utf-8")).digest()
 
 
 def _koin_version() -> str:
@@ -743,25 +756,29 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _decrypt_secrets(checked: _Checked, passphrase: bytes | None) -> dict[str, bytes]:
-    """:raises BackupError: secrets but no passphrase, or a wrong one."""
+    """Open the secrets, and check the sealed manifest, with the passphrase.
+
+    :raises BackupError: secrets but no passphrase, or a wrong one; the manifest was altered.
+    """
     encryption = checked.manifest.get("encryption")
-    if not checked.secrets:
-        return {}
-    if encryption is None:
+    if checked.secrets and not isinstance(encryption, dict):
         raise _damaged("暗号化の設定がありません", "no encryption parameters")
-    if passphrase is None:
+    if checked.secrets and passphrase is None:
         raise BackupError(
             "このバックアップには暗号化された秘密情報があります。--passphrase-file か "
             f"{BACKUP_PASSPHRASE_ENV} でパスフレーズを指定してください。",
             "This backup holds encrypted secrets; give its passphrase with --passphrase-file "
             f"or {BACKUP_PASSPHRASE_ENV}.",
         )
+    if not isinstance(encryption, dict) or passphrase is None:
+        return {}  # nothing encrypted, or nothing to open it with
     try:
         salt = base64.b64decode(encryption["salt"], validate=True)
         if (encryption["n"], encryption["r"], encryption["p"]) != (_SCRYPT_N, _SCRYPT_R, _SCRYPT_P):
             raise ValueError("scrypt parameters")
         cipher = _derive(passphrase, salt)
         check = base64.b64decode(encryption["check"], validate=True)
+        manifest_seal = base64.b64decode(encryption["manifest_seal"], validate=True)
     except (ValueError, KeyError, TypeError) as exc:
         raise _damaged(
             "暗号化の設定を読めません", f"unreadable encryption parameters: {exc}"
@@ -773,6 +790,12 @@ def _decrypt_secrets(checked: _Checked, passphrase: bytes | None) -> dict[str, b
             "バックアップのパスフレーズが違います。何も書き込んでいません。",
             "The backup passphrase is wrong; nothing was written.",
         ) from None
+    try:
+        sealed_digest = _open_sealed(cipher, "manifest", manifest_seal)
+    except InvalidTag:
+        sealed_digest = b""
+    if sealed_digest != _manifest_digest(checked.manifest):
+        raise _damaged("目録 manifest.json が改変されています", "manifest.json was altered")
     opened = {}
     for member, sealed in checked.secrets.items():
         try:

@@ -7,6 +7,7 @@ the signed files, finds their records and checks the contract's audit chain."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -333,6 +334,16 @@ def test_a_tampered_or_damaged_backup_is_refused_and_nothing_is_written(
     ja = _koin(target, target_url, "restore", str(tampered), lang="ja")
     assert ja.returncode == 1 and "改変" in ja.stderr
 
+    # A member and its SHA-256 altered together: the manifest is sealed with the passphrase.
+    manifest = _manifest(archive)
+    altered_rows = rows.replace(b'"is_active":true', b'"is_active":false')
+    manifest["members"][users] = hashlib.sha256(altered_rows).hexdigest()
+    resealed = tmp_path / "resealed.tar.gz"
+    _rewrite(archive, resealed, {users: altered_rows,
+                                 "manifest.json": json.dumps(manifest).encode()})
+    refused = _koin(target, target_url, "restore", str(resealed))
+    assert refused.returncode == 1 and "manifest.json was altered" in refused.stderr
+
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     refused = _koin(target, target_url, "restore", str(truncated))
@@ -403,6 +414,7 @@ def test_a_backup_of_an_older_revision_is_migrated_after_loading(
 ) -> None:
     home = tmp_path / "old"
     shutil.copytree(koin_home, home, ignore=shutil.ignore_patterns("koin.db*"))
+    (home / "keys" / "passphrase").unlink()  # (KOIN_KEY_PASSPHRASE) no secret on disk
     url = f"sqlite:///{home}/koin.db"
     upgrade(url, "0009")  # an installation of an older koin
     engine = make_engine(url)
@@ -413,14 +425,14 @@ def test_a_backup_of_an_older_revision_is_migrated_after_loading(
             "'2026-04-01 00:00:00.000000')"))
     engine.dispose()
     archive = tmp_path / "old.tar.gz"
-    made = _koin(home, url, "backup", str(archive))
+    made = _koin(home, url, "backup", str(archive), passphrase=None)
     assert made.returncode == 0, made.stderr
     assert _manifest(archive)["alembic_revision"] == "0009"
     assert "lta_files" not in {t["name"] for t in _manifest(archive)["tables"]}
 
     target = tmp_path / "new"
     target_url = f"sqlite:///{target}/koin.db"
-    restored = _koin(target, target_url, "restore", str(archive))
+    restored = _koin(target, target_url, "restore", str(archive), passphrase=None)
     assert restored.returncode == 0, restored.stderr
     from contracts.migrate import current, head
 
@@ -436,7 +448,7 @@ def test_a_backup_of_an_older_revision_is_migrated_after_loading(
     future = tmp_path / "future.tar.gz"
     _rewrite(archive, future, {"manifest.json": json.dumps(newer).encode()})
     refused = _koin(tmp_path / "other", f"sqlite:///{tmp_path}/other/koin.db", "restore",
-                    str(future))
+                    str(future), passphrase=None)
     assert refused.returncode == 1 and "newer koin" in refused.stderr
     assert not (tmp_path / "other").exists()
 
@@ -445,18 +457,20 @@ def test_rows_that_do_not_fit_leave_the_target_empty(
     sqlite_source: tuple[Path, str], tmp_path: Path, postgres_url: str
 ) -> None:
     home, url = sqlite_source
+    for secret in ("secret_key", "keys/passphrase"):  # unsealed: the manifest can be edited
+        (home / secret).unlink()
     archive = tmp_path / "b.tar.gz"
-    assert _koin(home, url, "backup", str(archive)).returncode == 0
+    assert _koin(home, url, "backup", str(archive), passphrase=None).returncode == 0
     manifest = _manifest(archive)
     users = next(t for t in manifest["tables"] if t["name"] == "users")
     users["columns"].append(["nickname", "str"])  # a column no revision of koin has
     bad = tmp_path / "bad.tar.gz"
     _rewrite(archive, bad, {"manifest.json": json.dumps(manifest).encode()})
     with _schema(postgres_url) as pg_url:
-        refused = _koin(tmp_path / "target", pg_url, "restore", str(bad))
+        refused = _koin(tmp_path / "target", pg_url, "restore", str(bad), passphrase=None)
         assert refused.returncode == 1 and "users does not fit" in refused.stderr
         assert _table_names(pg_url) == set()
-        again = _koin(tmp_path / "target", pg_url, "restore", str(archive))
+        again = _koin(tmp_path / "target", pg_url, "restore", str(archive), passphrase=None)
         assert again.returncode == 0, again.stderr
 
 
