@@ -68,6 +68,8 @@ __all__ = [
     "list_users",
     "normalize_email",
     "set_password",
+    "set_roles",
+    "set_user_active",
 ]
 
 #: Failed logins in a row after which the account is locked (and again after each further
@@ -471,3 +473,66 @@ def create_first_admin(
         raise
     assert password is not None
     return user, password
+
+
+# -- administration (the admin's user pages) ---------------------------------------------------
+
+
+def _lock_admins(session: Session) -> None:
+    """On PostgreSQL, lock the admin grants, so that two administrators removing each other
+    at the same moment cannot leave none (the second waits, then sees the first's change)."""
+    session.execute(
+        select(UserRoleGrant.user_id)
+        .where(UserRoleGrant.role == UserRole.ADMIN.value)
+        .with_for_update()
+    ).all()
+
+
+def _refuse_no_admin_left(session: Session) -> None:
+    session.flush()
+    if not admin_exists(session):
+        raise InvalidAccountData(
+            "roles",
+            "最後の管理者は外せません。先にほかの職員に管理者の役割を与えてください。",
+            "The last administrator cannot be removed; make someone else an administrator "
+            "first.",
+        )
+
+
+def set_roles(session: Session, user: User, roles: Iterable[UserRole | str]) -> bool:
+    """Give ``user`` exactly ``roles`` (the caller commits); whether anything changed.
+
+    :raises InvalidAccountData: no role or an unknown one; or the change would leave no
+        active administrator.
+    """
+    wanted = _checked_roles(roles)
+    if wanted == user.roles:
+        return False
+    _lock_admins(session)
+    session.refresh(user)
+    user.grants = [UserRoleGrant(role=role.value) for role in sorted(wanted)]
+    _refuse_no_admin_left(session)
+    return True
+
+
+def set_user_active(session: Session, user: User, active: bool, *, actor: User) -> bool:
+    """Switch the account of ``user`` on or off (the caller commits); whether it changed.
+    A switched-off account cannot log in and its sessions end; its records stay.
+
+    :raises InvalidAccountData: ``actor`` switches off their own account, or the last active
+        administrator.
+    """
+    if user.is_active == active:
+        return False
+    if not active and user.id == actor.id:
+        raise InvalidAccountData(
+            "active",
+            "自分のアカウントは無効にできません。",
+            "You cannot deactivate your own account.",
+        )
+    _lock_admins(session)
+    user.is_active = active
+    if not active:
+        _refuse_no_admin_left(session)
+    session.flush()
+    return True

@@ -14,6 +14,7 @@ from sqlalchemy import (
     JSON,
     CheckConstraint,
     ForeignKey,
+    Index,
     LargeBinary,
     String,
     UniqueConstraint,
@@ -295,6 +296,11 @@ class AuditEvent(Base):
     __table_args__ = (
         UniqueConstraint("contract_id", "seq", name="uq_audit_events_contract_id_seq"),
         CheckConstraint(_one_of("kind", EventKind), name="kind"),
+        # the administrator's audit search (web/admin_views.py); migration 0011
+        Index("ix_audit_events_time", "time"),
+        Index("ix_audit_events_kind_time", "kind", "time"),
+        Index("ix_audit_events_email", "email"),
+        Index("ix_audit_events_document_sha256", "document_sha256"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

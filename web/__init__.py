@@ -68,6 +68,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
 
     from . import (
+        admin_views,
         api,
         api_batches,
         api_contracts,
@@ -113,6 +114,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api_contracts.bp)
     app.register_blueprint(apikey_views.bp)
     app.register_blueprint(batch_views.bp)
+    app.register_blueprint(admin_views.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(status_views.bp)

@@ -1334,6 +1334,10 @@ from ._cli_lta import evidence_group, lta_group  # noqa: E402  (they use the hel
 
 cli.add_command(lta_group)
 cli.add_command(evidence_group)
+from ._cli_backup import backup_command, restore_command  # noqa: E402
+
+cli.add_command(backup_command)
+cli.add_command(restore_command)
 from ._cli_demo import demo  # noqa: E402
 
 cli.add_command(demo)

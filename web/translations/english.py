@@ -684,6 +684,64 @@ ENGLISH = {
     "一括署名で署名中の文書": "Batch documents being signed",
     "送信を待つメール": "Mail messages due to be sent",
     "データベースを読めないため表示できません。": "Not shown: the database cannot be read.",
+    # admin: administrator's pages (web/admin_views.py, admin_*.html, base.html)
+    "管理": "Administration",
+    "管理者だけが使えるページです。": "Pages for administrators only.",
+    "職員のアカウント": "Staff accounts",
+    "アカウントの作成、役割の変更、無効化": "Create accounts, change roles, deactivate",
+    "全職員の API キーの発行と失効": "Issue and revoke API keys of every staff member",
+    "外部システムへの通知の送信先と配信履歴": (
+        "Endpoints and deliveries of notifications to other systems"
+    ),
+    "監査証跡の検索": "Audit search",
+    "契約・文書・操作した人・期間で監査イベントを検索し、改ざんの有無を確認": (
+        "Search audit events by contract, document, actor and period, and check for tampering"
+    ),
+    "印影の位置と署名の設定": "Stamp positions and signing settings",
+    "サービスの状態(データベース、キュー、証明書の期限など)": (
+        "State of the service (database, queues, certificate expiry and more)"
+    ),
+    (
+        "すべての契約の監査イベントを新しい順に表示します。"
+        "契約を指定すると、その監査証跡のハッシュ連鎖も検証します。"
+    ): (
+        "The audit events of every contract, newest first. When you name a contract, the hash "
+        "chain of its audit trail is checked as well."
+    ),
+    "契約(契約 ID か文書番号)": "Contract (contract ID or document ID)",
+    "文書(SHA-256 か文書番号)": "Document (SHA-256 or document ID)",
+    "操作した人(メールか IP アドレス)": "Actor (email or IP address)",
+    "イベントの種類": "Event type",
+    "日付(から)": "Date (from)",
+    "日付(まで)": "Date (to)",
+    "日時": "Time",
+    "操作した人": "Actor",
+    "条件に合う監査イベントはありません。": "No audit event matches.",
+    "管理者": "Administrator",
+    "契約担当": "Contract officer",
+    "署名担当": "Signer",
+    "初期パスワード(この画面でのみ表示)": "Initial password (shown on this page only)",
+    (
+        "本人に安全な方法で伝えてください。koin にはパスワードのハッシュ値しか残らないため、"
+        "この画面を離れると二度と表示できません。"
+    ): (
+        "Pass it on to the person in a safe way. koin keeps only a hash of the password, so it "
+        "cannot be shown again once you leave this page."
+    ),
+    "アカウント一覧": "Accounts",
+    "役割": "Roles",
+    "最終ログイン": "Last login",
+    "自分": "you",
+    "役割を保存": "Save roles",
+    "有効にする": "Activate",
+    "未ログイン": "Never logged in",
+    "新しいアカウントを作る": "Create an account",
+    "メールアドレス(ログイン名)": "Email address (login name)",
+    "例: 茨城 花子": "e.g. Hanako Ibaraki",
+    "パスワードは自動で作られ、作成後に一度だけ表示されます。": (
+        "A password is generated and shown once after the account is created."
+    ),
+    "アカウントを作る": "Create account",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
