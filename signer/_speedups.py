@@ -21,7 +21,8 @@ what they decide (installed once, when :mod:`signer` is imported).
   it again when (if ever) it is looked into. Anything else goes to asn1crypto's own retag.
 * **QR masks** (``qrcode.QRCode.best_mask_pattern``): a stamp with a verification QR code
   spent more time choosing the QR code's mask than signing; :mod:`signer._qr_masks` picks the
-  same mask several times faster.
+  same mask several times faster, and lays out the data modules from a placement order
+  worked out once per version.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _original_name_eq = asn1_x509.Name.__eq__
 _original_name_hashable = asn1_x509.Name.hashable
 _original_name_retag = asn1_x509.Name.retag
 _original_best_mask_pattern = qr_main.QRCode.best_mask_pattern
+_original_map_data = qr_main.QRCode.map_data
 
 
 def _read_hex_string(stream: Any) -> Any:
@@ -137,4 +139,5 @@ def install() -> None:
     asn1_x509.Name.hashable = property(_name_hashable)
     asn1_x509.Name.retag = _name_retag
     qr_main.QRCode.best_mask_pattern = _qr_masks.best_mask_pattern
+    qr_main.QRCode.map_data = _qr_masks.map_data
     _installed = True

@@ -159,3 +159,22 @@ def test_qr_symbols_are_identical_to_qrcode_s() -> None:
         slow.make(fit=True)
         slow.makeImpl(False, _speedups._original_best_mask_pattern(slow))
         assert fast.get_matrix() == slow.get_matrix(), data
+
+
+def test_qr_data_layout_equals_qrcode_s_for_every_mask() -> None:
+    import qrcode
+
+    from signer import _qr_masks
+
+    assert qrcode.main.QRCode.map_data is _qr_masks.map_data  # installed
+    for data, level in _qr_inputs():
+        qr = qrcode.QRCode(error_correction=level)
+        qr.add_data(data)
+        qr.best_fit(start=None)
+        for test, pattern in [(True, p) for p in range(8)] + [(False, 3)]:
+            qr.map_data = lambda d, m, q=qr: _speedups._original_map_data(q, d, m)
+            qr.makeImpl(test, pattern)
+            expected = [list(row) for row in qr.modules]
+            del qr.map_data
+            qr.makeImpl(test, pattern)
+            assert qr.modules == expected, (data, test, pattern)
