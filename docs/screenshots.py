@@ -57,6 +57,16 @@ PARTLY = "令和8年度 水戸土木事務所管内 橋梁点検業務委託契�
 COMPLETED = "令和8年度 県庁舎電気設備保守点検業務委託契約"
 CONTRACTOR_EMAIL = "kobayashi.makoto@hitachi-doro.example.jp"
 LAST_EMAIL = "takahashi@nakagawa-c.example.jp"
+#: The webhook endpoint an administrator registers, per language: URL, description, events.
+NEW_ENDPOINTS = {
+    "ja": ("https://bunsho.pref.ibaraki.example/koin/webhook", "文書管理システム",
+           ("contract.completed", "contract.declined", "contract.expired")),
+    "en": ("https://rpa.pref.ibaraki.example/koin/batches", "RPA", ("batch.finished",)),
+}
+#: The account an administrator creates on /admin/users, per language (one each: an address is
+#: taken once).
+NEW_USERS = {"ja": ("watanabe.kenji@koin.local", "渡辺 健二"),
+             "en": ("ito.yuki@koin.local", "伊藤 由紀")}
 
 
 @dataclass
@@ -220,6 +230,7 @@ _PLACEHOLDERS = (
     (re.compile(r"/(sign|verify)/[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}"),
      r"/\1/<document-id>"),
     (re.compile(r"/dev/mailbox/[\w.-]+"), "/dev/mailbox/<message>"),
+    (re.compile(r"([?&]contract=)[A-Za-z0-9_-]{16,32}"), r"\1<id>"),
 )
 
 
@@ -326,8 +337,40 @@ def capture(shooter: Shooter) -> None:
                      steps="/admin/templates/sanpai-kyoka/edit → プレビュー (built-in sample)")
         page.goto(f"{url}/admin/apikeys")
         shooter.shot(page, language, "admin-apikeys", role="admin", steps="open /admin/apikeys")
-        page.goto(f"{url}/admin/webhooks")
-        shooter.shot(page, language, "webhooks", role="admin", steps="open /admin/webhooks")
+        endpoint, description, events = NEW_ENDPOINTS[language]
+        page.goto(f"{url}/admin/webhooks/new")
+        page.fill("#endpoint-form input[name=url]", endpoint)
+        page.fill("#endpoint-form input[name=description]", description)
+        for box in page.locator("#endpoint-form input[name=events]").all():
+            box.set_checked(box.get_attribute("value") in events)
+        with page.expect_navigation():
+            page.click("#create-endpoint")
+        page.locator("#new-secret").wait_for()
+        shooter.shot(page, language, "webhooks", role="admin",
+                     steps=f"/admin/webhooks/new → register {endpoint}: the list and the "
+                           "endpoint's secret, shown once")
+        page.goto(f"{url}/admin")
+        shooter.shot(page, language, "admin", role="admin", steps="open /admin",
+                     full_page=False)
+        email, name = NEW_USERS[language]
+        page.goto(f"{url}/admin/users")
+        page.fill("#new-email", email)
+        page.fill("#new-name", name)
+        page.check("#create-form input[name=role][value=signer]")
+        with page.expect_navigation():
+            page.click("#create-user")
+        page.locator("#new-password").wait_for()
+        shooter.shot(page, language, "admin-users", role="admin",
+                     steps=f"/admin/users → create {email} (署名担当): the list and the "
+                           "initial password, shown once")
+        page.goto(f"{url}/admin/audit?contract={demo.contracts[COMPLETED]}")
+        page.locator("#chain-check").wait_for()
+        shooter.shot(page, language, "admin-audit", role="admin",
+                     steps=f"/admin/audit, 契約 = the contract ID of {COMPLETED}: its events "
+                           "and the chain check")
+        page.goto(f"{url}/admin/status")
+        shooter.shot(page, language, "admin-status", role="admin",
+                     steps="open /admin/status (embedded TSA, demo key store)")
         page.goto(f"{url}/admin/templates")
 
     shooter.both(page, admin)
