@@ -124,6 +124,10 @@ def queue_due(
     )
     total = 0
     while True:
+        # Note the documents as queued and commit before sending: a worker that takes a task
+        # at once must find its rows unlocked (claims skip locked rows; a task sent while this
+        # transaction still held them claimed nothing, and its documents waited for the
+        # reconciler's requeue, minutes later).
         with session_scope(sessions) as session:
             query = (
                 select(BatchDocument.id)
@@ -134,28 +138,50 @@ def queue_due(
             if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             ids = list(session.scalars(query))
-            sent: list[int] = []
-            for part in _chunks(ids, chunk):
-                try:
-                    send(part)
-                except Exception as exc:
-                    log.warning(
-                        "batch queue: %d document(s) not handed over (%s: %s); the "
-                        "reconciler tries again", len(ids) - len(sent),
-                        exc.__class__.__name__, exc,
-                    )
-                    break
-                sent.extend(part)
-            if sent:
+            if ids:
                 session.execute(
                     update(BatchDocument)
-                    .where(BatchDocument.id.in_(sent))
+                    .where(BatchDocument.id.in_(ids))
                     .values(queued_at=moment),
                     execution_options={"synchronize_session": False},
                 )
+        sent: list[int] = []
+        for part in _chunks(ids, chunk):
+            try:
+                send(part)
+            except Exception as exc:
+                log.warning(
+                    "batch queue: %d document(s) not handed over (%s: %s); the "
+                    "reconciler tries again", len(ids) - len(sent),
+                    exc.__class__.__name__, exc,
+                )
+                break
+            sent.extend(part)
         total += len(sent)
-        if len(sent) < _ROUND:
+        unsent = ids[len(sent):]
+        if unsent:
+            _forget_queued(sessions, unsent, moment)
             return total
+        if len(ids) < _ROUND:
+            return total
+
+
+def _forget_queued(
+    sessions: sessionmaker[Session], ids: Sequence[int], moment: dt.datetime
+) -> None:
+    """Clear ``queued_at`` of documents that could not be sent, so the next call sends them
+    (if this fails too, they are sent again once ``requeue_after`` has passed)."""
+    try:
+        with session_scope(sessions) as session:
+            session.execute(
+                update(BatchDocument)
+                .where(BatchDocument.id.in_(list(ids)), BatchDocument.queued_at == moment)
+                .values(queued_at=None),
+                execution_options={"synchronize_session": False},
+            )
+    except Exception as exc:
+        log.warning("batch queue: could not note %d unsent document(s) (%s: %s)",
+                    len(ids), exc.__class__.__name__, exc)
 
 
 def reconcile_and_queue(

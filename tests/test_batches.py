@@ -470,3 +470,50 @@ def _no_leftover_threads() -> Iterator[None]:
     yield
     left = [t for t in set(threading.enumerate()) - before if t.name.startswith("koin-")]
     assert not left, left
+
+
+# -- handing documents to queue workers -------------------------------------------------------
+
+
+def test_a_task_taken_at_once_finds_its_documents_claimable(
+    sessions: sessionmaker[Session], home: Path, user_id: int, permits: list[bytes]
+) -> None:
+    """A worker may take a task the moment it is sent: the documents must not be locked by
+    the transaction that queues them (claims skip locked rows, so such a task claimed
+    nothing and its documents waited minutes for the reconciler)."""
+    from contracts.batch_queue import queue_due
+
+    new_batch(sessions, home, user_id, [(f"p{i}.pdf", permits[0]) for i in range(25)])
+    claimed: list[int] = []
+
+    def send_and_take_at_once(ids: list[int]) -> None:
+        claimed.extend(claim_documents(sessions, owner="fast-worker", limit=len(ids), ids=ids))
+
+    assert queue_due(sessions, send_and_take_at_once, chunk=10) == 25
+    assert len(claimed) == 25 and len(set(claimed)) == 25
+    assert queue_due(sessions, send_and_take_at_once, chunk=10) == 0  # nothing sent twice
+
+
+def test_documents_not_sent_are_sent_by_the_next_round(
+    sessions: sessionmaker[Session], home: Path, user_id: int, permits: list[bytes]
+) -> None:
+    from contracts.batch_queue import queue_due
+
+    new_batch(sessions, home, user_id, [(f"p{i}.pdf", permits[0]) for i in range(25)])
+    sent: list[list[int]] = []
+
+    def broker_fails_on_the_second_chunk(ids: list[int]) -> None:
+        if len(sent) == 1:
+            raise ConnectionError("broker down")
+        sent.append(ids)
+
+    assert queue_due(sessions, broker_fails_on_the_second_chunk, chunk=10) == 10
+    with sessions() as session:
+        not_queued = session.scalar(
+            select(func.count()).select_from(BatchDocument)
+            .where(BatchDocument.queued_at.is_(None))
+        )
+    assert not_queued == 15  # the unsent ones are not noted as queued
+    assert queue_due(sessions, sent.append, chunk=10) == 15
+    assert sorted(i for ids in sent for i in ids) == sorted(set(i for ids in sent for i in ids))
+    assert sum(map(len, sent)) == 25
