@@ -742,6 +742,10 @@ ENGLISH = {
         "A password is generated and shown once after the account is created."
     ),
     "アカウントを作る": "Create account",
+    # lead: admin-page words that mean something else on other pages
+    "利用中": "Active",
+    "利用停止": "Deactivated",
+    "対象の契約": "Contract",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
