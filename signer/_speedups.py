@@ -19,6 +19,13 @@ what they decide (installed once, when :mod:`signer` is imported).
   retags by deep-copying the whole parsed name tree (about a third of the CRL checks). A name
   read from DER and not changed since is retagged from its encoding instead; the copy parses
   it again when (if ever) it is looked into. Anything else goes to asn1crypto's own retag.
+* **Certificates of a signature** (``pyhanko.sign.general.extract_certificate_info``): the
+  same few certificates (the position's, the TSA's, our CAs') arrive in every signature, and
+  each time asn1crypto parses their fields again, field by field, as path validation looks
+  into them (about a sixth of a verification). Certificates are taken from a small
+  per-thread table keyed by their exact DER, so a certificate seen before comes already
+  parsed; equal bytes are the same certificate, and no one changes a parsed certificate.
+  Large ones (over 16 KiB) are not kept.
 * **QR masks** (``qrcode.QRCode.best_mask_pattern``): a stamp with a verification QR code
   spent more time choosing the QR code's mask than signing; :mod:`signer._qr_masks` picks the
   same mask several times faster, and lays out the data modules from a placement order
@@ -29,10 +36,12 @@ from __future__ import annotations
 
 import binascii
 import re
+import threading
 from typing import Any
 
 from asn1crypto import x509 as asn1_x509
 from pyhanko.pdf_utils import generic
+from pyhanko.sign import general as sign_general
 from qrcode import main as qr_main
 
 from . import _qr_masks
@@ -49,6 +58,7 @@ _original_name_hashable = asn1_x509.Name.hashable
 _original_name_retag = asn1_x509.Name.retag
 _original_best_mask_pattern = qr_main.QRCode.best_mask_pattern
 _original_map_data = qr_main.QRCode.map_data
+_original_extract_certificate_info = sign_general.extract_certificate_info
 
 
 def _read_hex_string(stream: Any) -> Any:
@@ -129,6 +139,41 @@ def _name_retag(self: asn1_x509.Name, tagging: Any, tag: Any = None) -> asn1_x50
     return retagged
 
 
+_MAX_KEPT_CERTIFICATE = 16 * 1024
+_parsed_certificates = threading.local()
+
+
+def _certificate(der: bytes) -> asn1_x509.Certificate:
+    if len(der) > _MAX_KEPT_CERTIFICATE:
+        return asn1_x509.Certificate.load(der)
+    table: dict[bytes, asn1_x509.Certificate] | None = getattr(
+        _parsed_certificates, "table", None
+    )
+    if table is None:
+        table = _parsed_certificates.table = {}
+    found = table.get(der)
+    if found is None:
+        found = asn1_x509.Certificate.load(der)
+        _remember(table, der, found)
+    return found
+
+
+def _extract_certificate_info(signed_data: Any) -> Any:
+    """pyHanko's ``extract_certificate_info``, with certificates from :func:`_certificate`."""
+    certs = []
+    attribute_certs = []
+    for choice in signed_data["certificates"]:
+        if choice.name == "certificate":
+            certs.append(_certificate(choice.chosen.dump()))
+        elif choice.name == "v2_attr_cert":
+            attribute_certs.append(choice.chosen.untag())
+    signer_info = sign_general.extract_signer_info(signed_data)
+    signer_cert, other_certs = sign_general._partition_certs(certs, signer_info)
+    return sign_general.SignedDataCerts(
+        signer_cert=signer_cert, other_certs=other_certs, attribute_certs=attribute_certs
+    )
+
+
 def install() -> None:
     """Install them (idempotent)."""
     global _installed
@@ -140,4 +185,9 @@ def install() -> None:
     asn1_x509.Name.retag = _name_retag
     qr_main.QRCode.best_mask_pattern = _qr_masks.best_mask_pattern
     qr_main.QRCode.map_data = _qr_masks.map_data
+    # pyHanko's validation modules import the function by name: replace it there too.
+    from pyhanko.sign.validation import ades, dss, generic_cms
+
+    for module in (sign_general, generic_cms, dss, ades):
+        module.extract_certificate_info = _extract_certificate_info  # type: ignore[attr-defined]
     _installed = True

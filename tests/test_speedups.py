@@ -11,7 +11,7 @@ from asn1crypto import x509 as asn1_x509
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.misc import PdfStreamError
 
-from signer import _speedups, new_document_id
+from signer import Installation, _speedups, new_document_id
 
 CASES = [
     b"<48656C6C6F>", b"<48 65\n6C\t6C\r6F\x00>", b"<4865 6C6C 6>", b"<>", b"< >",
@@ -178,3 +178,37 @@ def test_qr_data_layout_equals_qrcode_s_for_every_mask() -> None:
             del qr.map_data
             qr.makeImpl(test, pattern)
             assert qr.modules == expected, (data, test, pattern)
+
+
+def test_certificates_of_a_signature_are_pyhanko_s(
+    installation: Installation, permit_pdf: bytes
+) -> None:
+    from pyhanko.pdf_utils.reader import PdfFileReader
+    from pyhanko.sign.validation import generic_cms
+
+    from signer import SignatureLevel, SignOptions, sign_pdf
+
+    assert generic_cms.extract_certificate_info is _speedups._extract_certificate_info
+    context = installation.signing_context()
+    signed = sign_pdf(permit_pdf, context, SignOptions(level=SignatureLevel.B_LTA)).data
+    assert signed is not None
+    reader = PdfFileReader(io.BytesIO(signed))
+    seen = 0
+    for embedded in reader.embedded_signatures:
+        signed_datas = [embedded.signed_data]
+        token = embedded.signer_info["unsigned_attrs"] if embedded.signer_info[
+            "unsigned_attrs"].native else None
+        if token is not None:
+            for attribute in token:
+                if attribute["type"].native == "signature_time_stamp_token":
+                    signed_datas.append(attribute["values"][0]["content"])
+        for signed_data in signed_datas:
+            fast = _speedups._extract_certificate_info(signed_data)
+            slow = _speedups._original_extract_certificate_info(signed_data)
+            assert fast.signer_cert.dump() == slow.signer_cert.dump()
+            assert [c.dump() for c in fast.other_certs] == [c.dump() for c in slow.other_certs]
+            assert fast.attribute_certs == slow.attribute_certs == []
+            again = _speedups._extract_certificate_info(signed_data)
+            assert again.signer_cert is fast.signer_cert  # parsed once, then taken as it is
+            seen += 1
+    assert seen >= 3  # signature, its timestamp token, the document timestamp
