@@ -415,6 +415,8 @@ def test_a_backup_of_an_older_revision_is_migrated_after_loading(
     home = tmp_path / "old"
     shutil.copytree(koin_home, home, ignore=shutil.ignore_patterns("koin.db*"))
     (home / "keys" / "passphrase").unlink()  # (KOIN_KEY_PASSPHRASE) no secret on disk
+    # made by any app that ran on the shared installation before (test order varies)
+    (home / "secret_key").unlink(missing_ok=True)
     url = f"sqlite:///{home}/koin.db"
     upgrade(url, "0009")  # an installation of an older koin
     engine = make_engine(url)

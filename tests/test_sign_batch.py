@@ -23,11 +23,17 @@ from tests.hostile import password_protected_pdf
 from tests.validators import pyhanko_status
 from web.cli import cli
 
+# Documents recorded in a home before the test (the shared installation may hold some, made
+# by tests that ran before in the same process); _recorded leaves them out.
+_RECORDED_BEFORE: dict[Path, set[tuple[str, str | None]]] = {}
+
 
 @pytest.fixture
 def home(koin_home: Path, tmp_path: Path) -> Path:
     target = tmp_path / "home"
     shutil.copytree(koin_home, target)
+    database = target / "koin.db"
+    _RECORDED_BEFORE[target] = set(_all_recorded(target)) if database.exists() else set()
     return target
 
 
@@ -59,6 +65,12 @@ def _signature_count(pdf: Path) -> int:
 
 
 def _recorded(home: Path) -> list[tuple[str, str | None]]:
+    """The documents recorded in ``home`` since the test began."""
+    before = _RECORDED_BEFORE.get(home, set())
+    return [record for record in _all_recorded(home) if record not in before]
+
+
+def _all_recorded(home: Path) -> list[tuple[str, str | None]]:
     engine = contracts.make_engine(contracts.database_url(home))
     try:
         with contracts.session_scope(contracts.make_session_factory(engine)) as session:
