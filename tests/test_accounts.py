@@ -826,3 +826,23 @@ def test_users_create_refusals(cli_home: Path, args: list[str], exit_code: int) 
     if exit_code == 1:
         assert result.stderr.count("\n") == 1 and "cannot be used" in result.stderr
 
+
+
+def test_users_reset_password_prints_a_new_one_once(
+    cli_home: Path, cli_db: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    created = CliRunner().invoke(cli, ["users", "create", "sato@pref.ibaraki.example",
+                                       "--role", "signer"])
+    old = _printed_password(created.stdout)
+    result = CliRunner().invoke(cli, ["users", "reset-password", "Sato@Pref.Ibaraki.example"])
+    assert result.exit_code == 0, result.output
+    new = _printed_password(result.stdout)
+    assert new != old and result.stdout.count(new) == 1 and new not in result.stderr
+    assert new not in _everything_logged(caplog)
+    assert _login(cli_db, "sato@pref.ibaraki.example", new).email == "sato@pref.ibaraki.example"
+    with pytest.raises(LoginFailed):
+        _login(cli_db, "sato@pref.ibaraki.example", old)
+    unknown = CliRunner().invoke(cli, ["users", "reset-password", "nobody@example.jp"])
+    assert unknown.exit_code == 1 and unknown.stderr.count("\n") == 1
+    assert "nobody@example.jp" in unknown.stderr

@@ -45,7 +45,8 @@ CHROMIUM = "/usr/bin/chromium"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 _PASSWORD = re.compile(r'<code id="new-password">([a-z2-9-]+)</code>')
 _ADMIN_GETS = ("/admin", "/admin/users", "/admin/audit")
-_ADMIN_POSTS = ("/admin/users", "/admin/users/roles", "/admin/users/active")
+_ADMIN_POSTS = ("/admin/users", "/admin/users/roles", "/admin/users/active",
+                "/admin/users/password")
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------
@@ -463,3 +464,30 @@ def test_users_page_in_chromium(server: str, browser: Browser, tmp_path: Path) -
     assert other.locator("#nav-contracts").count() == 1 and other.locator("#nav-admin").count() == 0
     assert errors == []
     context.close()
+
+
+def test_a_forgotten_password_is_reissued_once(
+    app: Flask, sessions: sessionmaker[Session], people: dict[str, int]
+) -> None:
+    admin = _client(app, ADMIN)
+    signer = _client(app, SIGNER)
+    assert signer.get("/sign").status_code == 200
+    with session_scope(sessions) as session:  # locked out after too many wrong passwords
+        user = session.get(User, people[SIGNER])
+        assert user is not None
+        user.failed_logins = 5
+        user.locked_until = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=15)
+    answer = _post(admin, "/admin/users/password", user_id=people[SIGNER])
+    assert answer.status_code == 303
+    page = admin.get("/admin/users").get_data(as_text=True)
+    found = _PASSWORD.search(page)
+    assert found and SIGNER in page
+    new_password = found.group(1)
+    assert _PASSWORD.search(admin.get("/admin/users").get_data(as_text=True)) is None  # once
+    assert signer.get("/sign").status_code == 302  # the old session ended with the old hash
+    assert _login(app.test_client(), SIGNER).status_code != 302  # old password refused
+    assert _login(app.test_client(), SIGNER, new_password).status_code == 302  # lockout lifted
+    own = _post(admin, "/admin/users/password", user_id=people[ADMIN])
+    assert own.status_code == 422 and "reset-password" in own.get_data(as_text=True)
+    assert _post(admin, "/admin/users/password", user_id=999999).status_code == 404
+    assert _post(admin, "/admin/users/password", user_id="x").status_code == 400

@@ -56,7 +56,7 @@ from contracts import (
     list_users,
     session_scope,
 )
-from contracts.accounts import set_roles, set_user_active
+from contracts.accounts import generate_password, set_password, set_roles, set_user_active
 from contracts.audit_search import AuditFilterError, AuditFilters, search_events
 from contracts.errors import AccountError
 from keys import KoinError
@@ -287,6 +287,35 @@ def change_active() -> Response | tuple[str, int]:
     else:
         flash(_text(f"{email} を無効にしました。このアカウントではログインできません。",
                     f"{email} was deactivated; it can no longer log in."), "users")
+    return redirect(url_for(".users"), code=303)
+
+
+@bp.post("/users/password")
+@login_required(UserRole.ADMIN)
+def reset_password() -> Response | tuple[str, int]:
+    """Give the account ``user_id`` a new generated password (the list then shows it once)
+    and lift a lockout, for a staff member who forgot theirs; their sessions end.
+
+    :raise 400: no user chosen, or no CSRF token. :raise 403: not an administrator.
+    :raise 404: no such account. :raise 422: one's own account.
+    """
+    user_id = _user_from_form(request.form.get("user_id", ""))
+    actor = _actor()
+    if user_id == actor.id:
+        return page_error(
+            422, "自分のパスワードは、ほかの管理者か koin users reset-password で再発行します。",
+            "Your own password is reissued by another administrator or with "
+            "koin users reset-password.",
+        )
+    with session_scope(services.session_factory()) as db:
+        user = get_user(db, user_id)
+        if user is None:
+            return _no_such_user()
+        password = generate_password()
+        set_password(db, user, password)
+        email = user.email
+    log.info("password of user %s reissued by user %s", user_id, actor.id)
+    _keep_password(email, password)
     return redirect(url_for(".users"), code=303)
 
 

@@ -746,6 +746,8 @@ ENGLISH = {
     "利用中": "Active",
     "利用停止": "Deactivated",
     "対象の契約": "Contract",
+    "新しいパスワード(この画面でのみ表示)": "New password (shown on this page only)",
+    "パスワードを再発行": "Reissue password",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
