@@ -5,12 +5,13 @@ A stamp with a verification QR code spends most of its time in ``QRCode.best_mas
 qrcode lays out the whole symbol eight times (once per mask, one Python call per module) and
 scores each layout with pure-Python loops — about 8 ms per stamp, more than the signature.
 The eight test layouts differ only in the data modules (qrcode's test layouts leave the format
-information blank), so here the symbol is laid out once by qrcode itself, the data modules are
-noted, and each other mask is derived by flipping the data modules where its mask differs from
-mask 0. The score is computed on rows and columns as byte strings and integers, rule by rule
-exactly as ``qrcode.util.lost_point`` counts (runs of five or more, 2×2 blocks, the 1:1:3:1:1
-finder-like patterns with four light modules, the dark share), and the first mask with the
-lowest score wins, as in qrcode. tests/test_speedups.py compares both over many inputs.
+information blank), so here the symbol is laid out once (by qrcode, with :func:`map_data`,
+which knows the version's data modules), and each other mask is derived by flipping the data
+modules where its mask differs from mask 0. The score is computed on rows and columns as byte
+strings and integers, rule by rule exactly as ``qrcode.util.lost_point`` counts (runs of five
+or more, 2×2 blocks, the 1:1:3:1:1 finder-like patterns with four light modules, the dark
+share), and the first mask with the lowest score wins, as in qrcode. tests/test_speedups.py
+compares both over many inputs.
 """
 
 from __future__ import annotations
@@ -125,31 +126,17 @@ def _flips(version: int, size: int, data_cells: list[tuple[int, int]]) -> list[l
 
 
 def best_mask_pattern(qr: Any) -> int:
-    """The mask pattern qrcode's ``QRCode.best_mask_pattern`` picks for ``qr``."""
-    data_cells: list[tuple[int, int]] = []
-    original_map_data = qr.map_data
-
-    def noting_data_cells(data: Any, mask_pattern: int) -> None:
-        data_cells.extend(
-            (r, c) for r, row in enumerate(qr.modules) for c, value in enumerate(row)
-            if value is None
-        )
-        original_map_data(data, mask_pattern)
-
-    if qr.version in _flips_by_version:
-        qr.makeImpl(True, 0)
-    else:
-        qr.map_data = noting_data_cells
-        try:
-            qr.makeImpl(True, 0)
-        finally:
-            del qr.map_data
+    """The mask pattern qrcode's ``QRCode.best_mask_pattern`` picks for ``qr`` (with
+    :func:`map_data` installed as qrcode's, which notes the version's data modules)."""
+    qr.makeImpl(True, 0)
+    order = _order_by_version.get(qr.version)
+    assert order is not None, "signer._qr_masks.map_data must be installed"
     size = len(qr.modules)
     base = [bytes(49 if value else 48 for value in row) for row in qr.modules]  # b"1", b"0"
     base_bits = [_bits(row) for row in base]
     layout_format = f"0{size}b"
     best, best_score = 0, lost_point(base)
-    for pattern, flips in enumerate(_flips(qr.version, size, data_cells), start=1):
+    for pattern, flips in enumerate(_flips(qr.version, size, order), start=1):
         layout = [
             format(bits ^ flip, layout_format).encode() for bits, flip in zip(base_bits, flips,
                                                                                strict=True)
