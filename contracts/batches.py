@@ -828,6 +828,29 @@ def _prepare_many(
     return jobs
 
 
+def _update_each_of_ours(
+    session: Session,
+    owner: str,
+    values: dict[str, Any],
+    rows: list[dict[str, Any]],
+    *,
+    only_without_document_id: bool = False,
+) -> None:
+    """One UPDATE executed for each of ``rows`` (bind ``row_id`` plus the parameters that
+    ``values`` names), each guarded like :func:`_ours`: a row no longer ``owner``'s running
+    one is left alone."""
+    table = BatchDocument.__table__
+    assert isinstance(table, Table)
+    conditions = [
+        table.c.id == bindparam("row_id"),
+        table.c.lease_owner == owner,
+        table.c.state == DocumentState.RUNNING.value,
+    ]
+    if only_without_document_id:
+        conditions.append(table.c.document_id.is_(None))
+    session.connection().execute(update(table).where(*conditions).values(**values), rows)
+
+
 def _reserve_document_ids(
     session: Session, rows: Sequence[BatchDocument], *, owner: str, moment: dt.datetime
 ) -> dict[int, str]:
@@ -836,18 +859,11 @@ def _reserve_document_ids(
     which rows carry what, so a row taken over meanwhile is left out."""
     fresh = {row.id: new_document_id() for row in rows if row.document_id is None}
     if fresh:
-        table = BatchDocument.__table__
-        assert isinstance(table, Table)
-        session.connection().execute(
-            update(table)
-            .where(
-                table.c.id == bindparam("row_id"),
-                table.c.lease_owner == owner,
-                table.c.state == DocumentState.RUNNING.value,
-                table.c.document_id.is_(None),
-            )
-            .values(document_id=bindparam("reserved"), updated_at=moment),
+        _update_each_of_ours(
+            session, owner,
+            {"document_id": bindparam("reserved"), "updated_at": moment},
             [{"row_id": row_id, "reserved": reserved} for row_id, reserved in fresh.items()],
+            only_without_document_id=True,
         )
     held = {
         row_id: document_id
@@ -970,20 +986,13 @@ def _mark_done(
         mine = [(job, signed) for job, signed in finished if job.row_id in ours]
         if not mine:
             return
-        table = BatchDocument.__table__
-        assert isinstance(table, Table)
-        session.connection().execute(
-            update(table)
-            .where(
-                table.c.id == bindparam("row_id"),
-                table.c.lease_owner == owner,
-                table.c.state == DocumentState.RUNNING.value,
-            )
-            .values(
-                state=DocumentState.DONE.value, output_path=bindparam("done_path"),
-                output_sha256=bindparam("done_sha256"), lease_owner=None, lease_until=None,
-                error=None, error_en=None, updated_at=moment,
-            ),
+        _update_each_of_ours(
+            session, owner,
+            {
+                "state": DocumentState.DONE.value, "output_path": bindparam("done_path"),
+                "output_sha256": bindparam("done_sha256"), "lease_owner": None,
+                "lease_until": None, "error": None, "error_en": None, "updated_at": moment,
+            },
             [{"row_id": job.row_id, "done_path": job.output_relative,
               "done_sha256": signed.sha256} for job, signed in mine],
         )
