@@ -22,26 +22,19 @@ new API keys in :mod:`web.apikey_views`); it is never logged.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
-import hmac
-import json
 import logging
 import re
 import unicodedata
 from dataclasses import dataclass
 
-from cryptography.fernet import Fernet, InvalidToken
 from flask import (
     Blueprint,
-    current_app,
     flash,
     g,
     redirect,
     render_template,
     request,
-    session,
     url_for,
 )
 from werkzeug.wrappers import Response
@@ -62,6 +55,7 @@ from contracts.errors import AccountError
 from keys import KoinError
 
 from . import services
+from ._once import keep_once, take_once
 from .auth import current_user, login_required
 from .errors import page_error
 
@@ -108,28 +102,17 @@ def _bad_input(exc: _FormInputError) -> tuple[str, int]:
 # -- the new password, once ---------------------------------------------------------------------
 
 
-def _cipher() -> Fernet:
-    secret = current_app.secret_key
-    key = secret.encode() if isinstance(secret, str) else bytes(secret or b"")
-    derived = hmac.new(key, b"koin-new-user-password", hashlib.sha256).digest()
-    return Fernet(base64.urlsafe_b64encode(derived))
-
-
 def _keep_password(email: str, password: str) -> None:
-    payload = json.dumps({"email": email, "password": password})
-    session[_NEW_PASSWORD] = _cipher().encrypt(payload.encode()).decode("ascii")
+    keep_once(_NEW_PASSWORD, "koin-new-user-password", {"email": email, "password": password})
 
 
 def _take_password() -> tuple[str, str] | None:
     """``(email, password)`` of the account just created, if the session carries it; it is
     removed, so a password is shown at most once."""
-    token = session.pop(_NEW_PASSWORD, None)
-    if not isinstance(token, str):
-        return None
+    payload = take_once(_NEW_PASSWORD, "koin-new-user-password", PASSWORD_TTL)
     try:
-        payload = json.loads(_cipher().decrypt(token.encode("ascii"), ttl=PASSWORD_TTL))
-        return str(payload["email"]), str(payload["password"])
-    except (InvalidToken, ValueError, KeyError, TypeError):
+        return (str(payload["email"]), str(payload["password"])) if payload else None
+    except KeyError:
         return None
 
 

@@ -15,23 +15,16 @@ SHA-256 (:mod:`contracts.apikeys`); the key is never logged.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import logging
 from dataclasses import dataclass
 
-from cryptography.fernet import Fernet, InvalidToken
 from flask import (
     Blueprint,
-    current_app,
     flash,
     g,
     redirect,
     render_template,
     request,
-    session,
     url_for,
 )
 from werkzeug.wrappers import Response
@@ -56,6 +49,7 @@ from contracts.apikeys import NAME_MAX_LENGTH, SCOPE_ROLES
 from keys import KoinError
 
 from . import services
+from ._once import keep_once, take_once
 from .auth import current_user, login_required
 from .errors import page_error
 
@@ -101,29 +95,15 @@ def _not_found(exc: ApiKeyNotFound) -> tuple[str, int]:
 # -- the new key, once --------------------------------------------------------------------------
 
 
-def _cipher() -> Fernet:
-    secret = current_app.secret_key
-    key = secret.encode() if isinstance(secret, str) else bytes(secret or b"")
-    derived = hmac.new(key, b"koin-new-api-key", hashlib.sha256).digest()
-    return Fernet(base64.urlsafe_b64encode(derived))
-
-
 def _keep_new_key(page: str, raw: str, prefix: str) -> None:
-    payload = json.dumps({"page": page, "key": raw, "prefix": prefix})
-    session[_NEW_KEY] = _cipher().encrypt(payload.encode()).decode("ascii")
+    keep_once(_NEW_KEY, "koin-new-api-key", {"page": page, "key": raw, "prefix": prefix})
 
 
 def _take_new_key(page: str) -> tuple[str, str] | None:
     """``(key, prefix)`` created for ``page`` if the session carries it; whatever it carries is
     removed, so a key is shown at most once."""
-    token = session.pop(_NEW_KEY, None)
-    if not isinstance(token, str):
-        return None
-    try:
-        payload = json.loads(_cipher().decrypt(token.encode("ascii"), ttl=NEW_KEY_TTL))
-    except (InvalidToken, ValueError):
-        return None
-    if payload.get("page") != page:
+    payload = take_once(_NEW_KEY, "koin-new-api-key", NEW_KEY_TTL)
+    if payload is None or payload.get("page") != page:
         return None
     return str(payload["key"]), str(payload["prefix"])
 

@@ -16,22 +16,16 @@ key derived from the app's secret and for ten minutes at most, and is removed wh
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 from dataclasses import dataclass, field
 
-from cryptography.fernet import Fernet, InvalidToken
 from flask import (
     Blueprint,
-    current_app,
     flash,
     g,
     redirect,
     render_template,
     request,
-    session,
     url_for,
 )
 from werkzeug.wrappers import Response
@@ -56,6 +50,7 @@ from contracts.webhooks import delivery_counts
 from keys import KoinError
 
 from . import services
+from ._once import keep_once, take_once
 from .auth import current_user, login_required
 from .errors import page_error
 
@@ -99,28 +94,17 @@ def _no_store(response: Response) -> Response:
 # -- the secret, once ---------------------------------------------------------------------------
 
 
-def _secret_cipher() -> Fernet:
-    secret = current_app.secret_key
-    key = secret.encode() if isinstance(secret, str) else bytes(secret or b"")
-    derived = hmac.new(key, b"koin-webhook-secret", hashlib.sha256).digest()
-    return Fernet(base64.urlsafe_b64encode(derived))
-
-
 def _keep_secret(endpoint_id: int, secret: str) -> None:
-    payload = json.dumps({"endpoint": endpoint_id, "secret": secret})
-    session[_SECRET_KEY] = _secret_cipher().encrypt(payload.encode()).decode("ascii")
+    keep_once(_SECRET_KEY, "koin-webhook-secret", {"endpoint": endpoint_id, "secret": secret})
 
 
 def _take_secret() -> tuple[int, str] | None:
     """The secret of the endpoint just created, if the session carries it; it is removed, so
     it is shown at most once."""
-    token = session.pop(_SECRET_KEY, None)
-    if not isinstance(token, str):
-        return None
+    payload = take_once(_SECRET_KEY, "koin-webhook-secret", SECRET_TTL)
     try:
-        payload = json.loads(_secret_cipher().decrypt(token.encode("ascii"), ttl=SECRET_TTL))
-        return int(payload["endpoint"]), str(payload["secret"])
-    except (InvalidToken, ValueError, KeyError, TypeError):
+        return (int(payload["endpoint"]), str(payload["secret"])) if payload else None
+    except (KeyError, TypeError, ValueError):
         return None
 
 
