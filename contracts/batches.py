@@ -91,6 +91,7 @@ from .documents import record_signed_documents
 from .errors import BatchNotFound, InvalidBatchData, InvalidBatchState
 from .mail import retry_delay
 from .models import SignedDocument, SigningChannel
+from .public_ids import new_public_id
 from .templates import require_template, template_options
 from .webhooks import WebhookEvent, batch_finished_data, enqueue_event
 
@@ -320,7 +321,7 @@ def create_batch(
         )
     if template is not None:
         template = require_template(session, template).name
-    public_id = secrets.token_urlsafe(16)
+    public_id = new_public_id()
     (home / "batches" / public_id / "in").mkdir(mode=0o750, parents=True)
     batch = Batch(
         public_id=public_id,

@@ -106,6 +106,7 @@ from .errors import (
     PartyLocked,
 )
 from .models import SigningChannel
+from .public_ids import new_public_id
 from .workflow_models import (
     AccessLink,
     AuditEvent,
@@ -895,7 +896,7 @@ def create_contract(
             "officer_id", "担当職員が見つかりません。", f"There is no user {officer_id}."
         )
 
-    public_id = secrets.token_urlsafe(16)
+    public_id = new_public_id()
     relative = f"contracts/{public_id}/original.pdf"
     path = contract_file(home, relative)
     path.parent.mkdir(mode=0o750, parents=True, exist_ok=False)

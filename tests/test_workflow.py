@@ -1032,3 +1032,17 @@ def test_cli_jobs_run_due(
     _assert_signed_once(sessions, installation, contract_id)
     again = CliRunner().invoke(cli, ["jobs", "run-due"])
     assert again.exit_code == 0 and "締結 0 件" in again.output
+
+
+def test_public_ids_never_begin_with_an_option_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One in 32 raw tokens begins with '-', which click reads as an option: the CI run that
+    # drew '-6Iw_Q6eil0MJmXAMmc9ug' failed `koin evidence export ID OUT` with "No such option".
+    import contracts.public_ids as public_ids
+
+    drawn = iter(["-6Iw_Q6eil0MJmXAMmc9ug", "_Xq0AaaaaaaaaaaaaaaaaQ", "Q6eil0MJmXAMmc9ug-6Iw_"])
+    monkeypatch.setattr(public_ids.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert public_ids.new_public_id() == "Q6eil0MJmXAMmc9ug-6Iw_"
+    monkeypatch.undo()
+    ids = {public_ids.new_public_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(i[0].isalnum() and len(i) == 22 for i in ids)

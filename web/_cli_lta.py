@@ -108,7 +108,10 @@ evidence_group: click.Group = click.group("evidence")(_evidence)
 def evidence_export(settings: Settings, contract_id: str, out: Path) -> None:
     """Write the evidence package of the completed contract CONTRACT_ID (its public ID) to
     OUT (a ZIP): final and original PDF, the audit chain as JSON Lines, the chain-head
-    timestamps, certificates, CRLs and VERIFY.md with the openssl commands that check it."""
+    timestamps, certificates, CRLs and VERIFY.md with the openssl commands that check it.
+
+    New IDs never begin with '-'; an older one that does goes after '--':
+    koin evidence export -- -6Iw... out.zip"""
     import contracts
     from contracts.evidence import build_evidence_package
 
