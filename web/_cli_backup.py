@@ -17,10 +17,6 @@ from .config import Settings
 __all__ = ["backup_command", "restore_command"]
 
 
-def _text(settings: Settings, message: str, message_en: str) -> str:
-    return message_en if settings.language == "en" else message
-
-
 def _passphrase(passphrase_file: Path | None) -> bytes | None:
     """The backup passphrase: from ``--passphrase-file``, else ``KOIN_BACKUP_PASSPHRASE``.
 
@@ -64,8 +60,7 @@ def _backup(settings: Settings, out: Path, passphrase_file: Path | None) -> None
         settings.home, _database_url(settings), out, passphrase=_passphrase(passphrase_file)
     )
     rows = sum(report.tables.values())
-    click.echo(_text(
-        settings,
+    click.echo(settings.in_language(
         f"バックアップしました: {report.path} (版 {report.revision}, {len(report.tables)} 表 "
         f"{rows} 行, ファイル {report.files} 件, 暗号化した秘密情報 {report.secrets} 件, "
         f"{report.size} バイト)",
@@ -88,8 +83,7 @@ def _restore(
         passphrase=_passphrase(passphrase_file), force=force,
     )
     rows = sum(report.tables.values())
-    click.echo(_text(
-        settings,
+    click.echo(settings.in_language(
         f"復元しました: {settings.home} ({report.created_at} の koin {report.koin_version} の"
         f"バックアップ, 版 {report.revision}, {rows} 行, ファイル {report.files} 件, "
         f"秘密情報 {report.secrets} 件)",

@@ -17,10 +17,6 @@ from .config import Settings
 __all__ = ["evidence_group", "lta_group"]
 
 
-def _text(settings: Settings, message: str, message_en: str) -> str:
-    return message_en if settings.language == "en" else message
-
-
 def _lta() -> None:
     """Long-term validity (PAdES B-LTA) of the signed files this service stores."""
 
@@ -55,15 +51,15 @@ def lta_renew(settings: Settings, margin_days: float | None, dry_run: bool) -> N
             with sessions() as session:
                 due = contracts.list_due(session, policy)
             for item in due:
-                reason = _text(settings, item.reason.label_ja, item.reason.label_en)
+                reason = settings.in_language(item.reason.label_ja, item.reason.label_en)
                 until = item.tsa_not_after.date().isoformat() if item.tsa_not_after else "-"
                 line = f"{item.label}\t{reason}\t{until}"
-                error = _text(settings, item.error or "", item.error_en or "")
+                error = settings.in_language(item.error or "", item.error_en or "")
                 if error:
                     line += f"\t{' '.join(error.split())}"
                 click.echo(line)
-            click.echo(_text(
-                settings, f"更新の対象: {len(due)} 件(何も変更していません)",
+            click.echo(settings.in_language(
+                f"更新の対象: {len(due)} 件(何も変更していません)",
                 f"Due: {len(due)} file(s) (nothing was changed)",
             ))
             return
@@ -79,16 +75,16 @@ def lta_renew(settings: Settings, margin_days: float | None, dry_run: bool) -> N
             up_to_date += report.up_to_date
             failed.extend(report.failed)
             for done in report.renewed:
-                reason = _text(settings, done.reason.label_ja, done.reason.label_en)
+                reason = settings.in_language(done.reason.label_ja, done.reason.label_en)
                 click.echo(f"{done.label}\t{reason}\t{done.tsa_not_after.date().isoformat()}")
             if report.claimed < DEFAULT_CHUNK:
                 break
-    click.echo(_text(
-        settings, f"更新 {renewed} 件、変更なし {up_to_date} 件、失敗 {len(failed)} 件",
+    click.echo(settings.in_language(
+        f"更新 {renewed} 件、変更なし {up_to_date} 件、失敗 {len(failed)} 件",
         f"Renewed {renewed}, unchanged {up_to_date}, failed {len(failed)}",
     ))
     for label, message, message_en in failed:
-        _say_error(f"{label}: {' '.join(_text(settings, message, message_en).split())}")
+        _say_error(f"{label}: {' '.join(settings.in_language(message, message_en).split())}")
     if failed:
         sys.exit(EXIT_REFUSED)
 
@@ -130,7 +126,7 @@ def evidence_export(settings: Settings, contract_id: str, out: Path) -> None:
         raise KoinError(
             f"{out} に書き込めません。", f"Cannot write {out}: {exc.strerror}"
         ) from exc
-    click.echo(_text(
-        settings, f"証拠パッケージを書き出しました: {out}({len(package.members)} ファイル)",
+    click.echo(settings.in_language(
+        f"証拠パッケージを書き出しました: {out}({len(package.members)} ファイル)",
         f"Evidence package written: {out} ({len(package.members)} files)",
     ))

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from flask import (
     Blueprint,
     flash,
-    g,
     redirect,
     render_template,
     request,
@@ -58,6 +57,7 @@ from . import services
 from ._once import keep_once, take_once
 from .auth import current_user, login_required
 from .errors import page_error
+from .i18n import localized
 
 __all__ = ["bp"]
 
@@ -76,9 +76,6 @@ _DATE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})")
 class _FormInputError(KoinError):
     """A form or filter value is malformed (before any service is asked)."""
 
-
-def _text(message: str, message_en: str) -> str:
-    return message_en if g.get("lang") == "en" else message
 
 
 def _actor() -> User:
@@ -161,7 +158,7 @@ def _users_page(
             users=users,
             roles=list(UserRole),
             form=form or UserForm(),
-            error=_text(error.message, error.message_en) if error is not None else None,
+            error=localized(error.message, error.message_en) if error is not None else None,
             new_password=_take_password() if request.method == "GET" else None,
             me=_actor().id,
             now=dt.datetime.now(dt.UTC),
@@ -235,7 +232,7 @@ def change_roles() -> Response | tuple[str, int]:
         return _users_page(error=exc, status=422)
     if changed:
         log.info("roles of user %s set to %s by user %s", user_id, roles, _actor().id)
-    flash(_text(f"{email} の役割: {roles}", f"Roles of {email}: {roles}"), "users")
+    flash(localized(f"{email} の役割: {roles}", f"Roles of {email}: {roles}"), "users")
     return redirect(url_for(".users"), code=303)
 
 
@@ -266,10 +263,10 @@ def change_active() -> Response | tuple[str, int]:
     log.info("user %s %s by user %s", user_id,
              "activated" if choice == "yes" else "deactivated", actor.id)
     if choice == "yes":
-        flash(_text(f"{email} を有効にしました。", f"{email} was activated."), "users")
+        flash(localized(f"{email} を有効にしました。", f"{email} was activated."), "users")
     else:
-        flash(_text(f"{email} を無効にしました。このアカウントではログインできません。",
-                    f"{email} was deactivated; it can no longer log in."), "users")
+        flash(localized(f"{email} を無効にしました。このアカウントではログインできません。",
+                        f"{email} was deactivated; it can no longer log in."), "users")
     return redirect(url_for(".users"), code=303)
 
 
@@ -373,7 +370,7 @@ def audit() -> tuple[str, int]:
             kinds=list(EventKind),
             officers=officers,
             page=page,
-            error=_text(error.message, error.message_en) if error is not None else None,
+            error=localized(error.message, error.message_en) if error is not None else None,
         ),
         400 if error is not None else 200,
     )

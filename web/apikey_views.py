@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from flask import (
     Blueprint,
     flash,
-    g,
     redirect,
     render_template,
     request,
@@ -52,6 +51,7 @@ from . import services
 from ._once import keep_once, take_once
 from .auth import current_user, login_required
 from .errors import page_error
+from .i18n import localized
 
 __all__ = ["bp"]
 
@@ -69,9 +69,6 @@ _ADMIN = "admin"
 class _FormInputError(KoinError):
     """The form itself is incomplete or malformed (before any service is asked)."""
 
-
-def _text(message: str, message_en: str) -> str:
-    return message_en if g.get("lang") == "en" else message
 
 
 def _user() -> User:
@@ -155,7 +152,7 @@ def _page(
                          for scope, role in SCOPE_ROLES.items()},
             form=form or KeyForm(scopes=(ApiScope.SIGN.value,) if page == _ACCOUNT
                                  and ApiScope.SIGN in scopes else ()),
-            error=_text(error.message, error.message_en) if error is not None else None,
+            error=localized(error.message, error.message_en) if error is not None else None,
             new_key=new_key,
             is_admin=UserRole.ADMIN in user.roles,
             name_max=NAME_MAX_LENGTH,
@@ -207,7 +204,7 @@ def _revoke(page: str, prefix: str) -> Response | tuple[str, int]:
         shown = key.prefix
     log.info("API key %s revoked by user %s", shown, actor.id)
     flash(
-        _text(
+        localized(
             f"API キー koin_{shown}_… を失効させました。このキーはもう使えません。",
             f"The API key koin_{shown}_… was revoked; it no longer works.",
         ),

@@ -49,6 +49,7 @@ from keys import KoinError
 
 from . import services
 from .errors import page_error
+from .i18n import localized
 from .security import client_address, rate_limited
 
 __all__ = [
@@ -268,7 +269,7 @@ def _login_page(
 ) -> tuple[str, int]:
     text = None
     if error is not None:
-        text = error.message_en if g.get("lang") == "en" else error.message
+        text = localized(error.message, error.message_en)
     page = render_template(
         "login.html",
         error=text,
@@ -342,7 +343,7 @@ def _csrf_failed(exc: CSRFError) -> tuple[str, int]:
         "Reload the page and try again."
     )
     if request.endpoint == "auth.login_submit":
-        text = message_en if g.get("lang") == "en" else message
+        text = localized(message, message_en)
         page = render_template(
             "login.html", error=text, next_url=safe_next(request.form.get("next")) or "",
             email=request.form.get("email", ""),

@@ -90,6 +90,7 @@ from . import services
 from .api_batches import batch_json, document_json
 from .auth import csrf, current_user, login_required
 from .errors import api_error, page_error
+from .i18n import localized
 
 __all__ = ["MAX_SIGN_UPLOAD_BYTES", "bp"]
 
@@ -113,9 +114,6 @@ _STAFF = (UserRole.SIGNER, UserRole.ADMIN)
 class _FormInputError(KoinError):
     """The form itself is incomplete or malformed (before any service is asked)."""
 
-
-def _text(message: str, message_en: str) -> str:
-    return message_en if g.get("lang") == "en" else message
 
 
 def _user() -> User:
@@ -187,7 +185,7 @@ def _sign_page(
         templates=_templates(),
         chosen_template=template,
         batch_name=name,
-        error=_text(error.message, error.message_en) if error is not None else None,
+        error=localized(error.message, error.message_en) if error is not None else None,
         skipped=skipped or [],
         max_upload=_size_text(MAX_SIGN_UPLOAD_BYTES),
     )
@@ -291,8 +289,8 @@ def sign_submit() -> Response | tuple[str, int]:
                           name=name)
     services.batch_executor().kick()
     flash(
-        _text(f"{intake.added} 件の PDF の一括署名を始めました。",
-              f"Signing of {intake.added} PDF{'s' if intake.added != 1 else ''} has started."),
+        localized(f"{intake.added} 件の PDF の一括署名を始めました。",
+                  f"Signing of {intake.added} PDF{'s' if intake.added != 1 else ''} has started."),
         "batch",
     )
     return redirect(url_for(".batch_page", public_id=intake.public_id), code=303)
@@ -452,7 +450,7 @@ def _batch_page(
         creator=creator.display_name if creator else "?",
         template_title=template_title,
         skipped=skipped_entries(_home(), batch),
-        error=_text(error.message, error.message_en) if error is not None else None,
+        error=localized(error.message, error.message_en) if error is not None else None,
         can_retry=progress.failed > 0
         and batch.status in (BatchStatus.RUNNING, BatchStatus.FINISHED),
         can_cancel=batch.status in (BatchStatus.DRAFT, BatchStatus.RUNNING),
@@ -543,8 +541,9 @@ def retry(public_id: str) -> Response | tuple[str, int]:
         )
         return _batch_page(public_id, error=error, status=409)
     services.batch_executor().kick()
-    flash(_text(f"失敗した {count} 件をもう一度署名します。",
-                f"{count} failed file{'s' if count != 1 else ''} will be signed again."), "batch")
+    again = localized(f"失敗した {count} 件をもう一度署名します。",
+                      f"{count} failed file{'s' if count != 1 else ''} will be signed again.")
+    flash(again, "batch")
     return redirect(url_for(".batch_page", public_id=public_id), code=303)
 
 
@@ -574,8 +573,8 @@ def cancel(public_id: str) -> Response | tuple[str, int]:
         )
         return _batch_page(public_id, error=error, status=409)
     log.info("batch %s cancelled by user %s", public_id, _user().id)
-    flash(_text("一括署名を取り消しました。署名済みのファイルはそのままダウンロードできます。",
-                "The batch was cancelled; the files signed so far can still be downloaded."),
+    flash(localized("一括署名を取り消しました。署名済みのファイルはそのままダウンロードできます。",
+                    "The batch was cancelled; the files signed so far can still be downloaded."),
           "batch")
     return redirect(url_for(".batch_page", public_id=public_id), code=303)
 
@@ -725,6 +724,6 @@ def history() -> tuple[str, int]:
         channels=list(SigningChannel),
         signers=signers,
         sees_all=admin,
-        error=_text(error.message, error.message_en) if error is not None else None,
+        error=localized(error.message, error.message_en) if error is not None else None,
     )
     return body, 400 if error is not None else 200

@@ -133,3 +133,8 @@ class Settings:
     cert_warning_days: int = field(
         default_factory=lambda: int(os.environ.get("KOIN_CERT_WARNING_DAYS", "").strip() or 90)
     )
+
+    def in_language(self, message: str, message_en: str) -> str:
+        """The message in the language of the command line (``KOIN_LANG``; Japanese unless
+        English was chosen)."""
+        return message_en if self.language == "en" else message

@@ -36,7 +36,6 @@ from flask import (
     Blueprint,
     current_app,
     flash,
-    g,
     redirect,
     render_template,
     request,
@@ -87,6 +86,7 @@ from . import services
 from ._contract_json import audit_document, timestamp_time
 from .auth import current_user, login_required
 from .errors import page_error
+from .i18n import localized
 
 __all__ = ["bp"]
 
@@ -110,9 +110,6 @@ _ROW_FIELDS = ("name", "organisation", "email", "role", "identification")
 class _FormInputError(KoinError):
     """The form itself is incomplete or malformed (before any service is asked)."""
 
-
-def _text(message: str, message_en: str) -> str:
-    return message_en if g.get("lang") == "en" else message
 
 
 def _user() -> User:
@@ -341,7 +338,7 @@ def _whole_number(text: str, message: str, message_en: str) -> int:
 def _form_page(
     form: ContractForm, error: KoinError | None = None, status: int = 200
 ) -> tuple[str, int]:
-    text = _text(error.message, error.message_en) if error is not None else None
+    text = localized(error.message, error.message_en) if error is not None else None
     return (
         render_template(
             "contract_new.html",
@@ -421,7 +418,8 @@ def create() -> Response | tuple[str, int]:
     log.info("contract %s created by user %s", public_id, user.id)
     if codes:
         _keep_codes(public_id, codes)
-    flash(_text("契約を作成しました(下書き)。", "The contract was created (draft)."), "contract")
+    flash(localized("契約を作成しました(下書き)。", "The contract was created (draft)."),
+          "contract")
     return redirect(url_for(".detail", public_id=public_id), code=303)
 
 
@@ -499,7 +497,7 @@ def _detail_page(
         check=check,
         chain_timestamp=timestamp_time(contract.chain_head_timestamp),
         codes=shown_codes,
-        error=_text(error.message, error.message_en) if error is not None else None,
+        error=localized(error.message, error.message_en) if error is not None else None,
         can_send=contract.contract_status is ContractStatus.DRAFT,
         can_resend=contract.contract_status.is_open and contract.expires_at > moment,
         can_cancel=contract.contract_status
@@ -549,7 +547,7 @@ def detail(public_id: str) -> tuple[str, int]:
 
 
 def _done(public_id: str, message: str, message_en: str) -> Response:
-    flash(_text(message, message_en), "contract")
+    flash(localized(message, message_en), "contract")
     return redirect(url_for(".detail", public_id=public_id), code=303)
 
 

@@ -10,7 +10,7 @@ from flask_babel import Babel, get_translations
 
 from signer import JST, format_japanese_datetime
 
-__all__ = ["init_app", "LANGUAGES"]
+__all__ = ["init_app", "localized", "LANGUAGES"]
 
 LANGUAGES = ("ja", "en")
 COOKIE = "koin_lang"
@@ -32,6 +32,12 @@ def _remember_choice(response: Response) -> Response:
             secure=secure,
         )
     return response
+
+
+def localized(message: str, message_en: str) -> str:
+    """The message in the language of this request's page (Japanese unless English was
+    chosen): for the messages of services, which carry both."""
+    return message_en if g.get("lang") == "en" else message
 
 
 def _when(value: dt.datetime | None) -> str:

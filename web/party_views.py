@@ -69,6 +69,7 @@ from contracts import (
 
 from . import services
 from .errors import page_error
+from .i18n import localized
 from .previews import PreviewError, page_images
 from .security import client_address, rate_limited
 
@@ -170,9 +171,6 @@ def _identified(token: str) -> _Progress | None:
 
 # -- helpers ------------------------------------------------------------------------------------
 
-
-def _say(message: str, message_en: str) -> str:
-    return message_en if g.get("lang") == "en" else message
 
 
 @contextmanager
@@ -515,7 +513,7 @@ def consent_submit(token: str) -> Response | tuple[str, int]:
     if result is None:
         return _review_page(
             token, found, status=400,
-            consent_error=_say(
+            consent_error=localized(
                 "合意する場合は「内容を確認し、合意します」にチェックを入れてください。",
                 'To consent, tick "I have reviewed the contents and agree".',
             ),
@@ -541,11 +539,11 @@ def decline_submit(token: str) -> Response | tuple[str, int]:
             found = contracts.resume_link(db, token, progress.party_id)
             problem = None
             if not reason:
-                problem = _say("同意しない理由を入力してください。",
-                               "Please give the reason why you do not consent.")
+                problem = localized("同意しない理由を入力してください。",
+                                    "Please give the reason why you do not consent.")
             elif len(reason) > MAX_REASON_CHARS:
-                problem = _say(f"理由は {MAX_REASON_CHARS} 文字以内にしてください。",
-                               f"Please keep the reason within {MAX_REASON_CHARS} characters.")
+                problem = localized(f"理由は {MAX_REASON_CHARS} 文字以内にしてください。",
+                                    f"Please keep the reason within {MAX_REASON_CHARS} characters.")
             elif request.form.get("confirm") == "yes":
                 contracts.decline(
                     db, found.party_id, reason,

@@ -26,7 +26,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import Blueprint, current_app, flash, g, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
@@ -52,6 +52,7 @@ from signer.samples import make_permit_pdf
 from . import services
 from .auth import login_required
 from .errors import page_error
+from .i18n import localized
 
 __all__ = ["bp", "render_stamp_preview"]
 
@@ -68,9 +69,6 @@ _BOX_FIELDS = ("x1", "y1", "x2", "y2")
 class _FormInputError(KoinError):
     """The form itself is malformed (before any service is asked)."""
 
-
-def _text(message: str, message_en: str) -> str:
-    return message_en if g.get("lang") == "en" else message
 
 
 @bp.errorhandler(TemplateNotFound)
@@ -185,7 +183,7 @@ def _form_page(
     status: int = 200,
     preview: PreviewImage | None = None,
 ) -> tuple[str, int]:
-    text = _text(error.message, error.message_en) if error is not None else None
+    text = localized(error.message, error.message_en) if error is not None else None
     return (
         render_template(
             "template_form.html",
@@ -243,8 +241,8 @@ def create() -> Response | tuple[str, int]:
         return _form_page(form, error=exc, status=409)
     except InvalidTemplateData as exc:
         return _form_page(form, error=exc, status=422)
-    flash(_text(f"印影テンプレート {template.name} を作成しました。",
-                f"Created the stamp template {template.name}."), "template")
+    flash(localized(f"印影テンプレート {template.name} を作成しました。",
+                    f"Created the stamp template {template.name}."), "template")
     return redirect(url_for(".template_list"))
 
 
@@ -284,8 +282,8 @@ def update(name: str) -> Response | tuple[str, int]:
             )
     except InvalidTemplateData as exc:
         return _form_page(form, editing=editing, error=exc, status=422)
-    flash(_text(f"印影テンプレート {editing.name} を更新しました。",
-                f"Updated the stamp template {editing.name}."), "template")
+    flash(localized(f"印影テンプレート {editing.name} を更新しました。",
+                    f"Updated the stamp template {editing.name}."), "template")
     return redirect(url_for(".template_list"))
 
 
@@ -295,8 +293,8 @@ def deactivate(name: str) -> Response:
     """:raise 404: there is no such template."""
     with session_scope(services.session_factory()) as db:
         template = deactivate_template(db, name)
-    flash(_text(f"印影テンプレート {template.name} を無効にしました。",
-                f"Deactivated the stamp template {template.name}."), "template")
+    flash(localized(f"印影テンプレート {template.name} を無効にしました。",
+                    f"Deactivated the stamp template {template.name}."), "template")
     return redirect(url_for(".template_list"))
 
 

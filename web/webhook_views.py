@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from flask import (
     Blueprint,
     flash,
-    g,
     redirect,
     render_template,
     request,
@@ -53,6 +52,7 @@ from . import services
 from ._once import keep_once, take_once
 from .auth import current_user, login_required
 from .errors import page_error
+from .i18n import localized
 
 __all__ = ["bp"]
 
@@ -69,9 +69,6 @@ _SECRET_KEY = "koin_new_webhook_secret"
 class _FormInputError(KoinError):
     """A filter or form value is malformed (before any service is asked)."""
 
-
-def _text(message: str, message_en: str) -> str:
-    return message_en if g.get("lang") == "en" else message
 
 
 @bp.errorhandler(WebhookNotFound)
@@ -143,7 +140,7 @@ class EndpointForm:
 def _form_page(
     form: EndpointForm, error: KoinError | None = None, status: int = 200
 ) -> tuple[str, int]:
-    text = _text(error.message, error.message_en) if error is not None else None
+    text = localized(error.message, error.message_en) if error is not None else None
     return (
         render_template("webhook_form.html", form=form, event_types=EVENT_TYPES, error=text),
         status,
@@ -175,8 +172,8 @@ def create() -> Response | tuple[str, int]:
     except InvalidWebhookData as exc:
         return _form_page(form, exc, 422)
     _keep_secret(endpoint_id, secret)
-    flash(_text(f"Webhook の送信先 {endpoint_id} を登録しました。",
-                f"Registered the webhook endpoint {endpoint_id}."), "webhook")
+    flash(localized(f"Webhook の送信先 {endpoint_id} を登録しました。",
+                    f"Registered the webhook endpoint {endpoint_id}."), "webhook")
     return redirect(url_for(".endpoint_list"), code=303)
 
 
@@ -184,12 +181,13 @@ def _set_active(endpoint_id: int, active: bool) -> Response:
     with session_scope(services.session_factory()) as db:
         set_endpoint_active(db, endpoint_id, active)
     if active:
-        flash(_text(f"送信先 {endpoint_id} への配信を再開しました。",
-                    f"Sending to endpoint {endpoint_id} again."), "webhook")
+        flash(localized(f"送信先 {endpoint_id} への配信を再開しました。",
+                        f"Sending to endpoint {endpoint_id} again."), "webhook")
     else:
-        flash(_text(f"送信先 {endpoint_id} への配信を停止しました。未配信の分は再開まで待ちます。",
-                    f"Stopped sending to endpoint {endpoint_id}; its pending deliveries wait "
-                    "until it is enabled."), "webhook")
+        flash(localized(f"送信先 {endpoint_id} への配信を停止しました。"
+                        "未配信の分は再開まで待ちます。",
+                        f"Stopped sending to endpoint {endpoint_id}; its pending deliveries wait "
+                        "until it is enabled."), "webhook")
     return redirect(url_for(".endpoint_list"), code=303)
 
 
@@ -279,13 +277,13 @@ def redeliver_one(delivery_pk: int) -> Response:
             delivery = redeliver(db, delivery_pk)
             active = delivery.endpoint.active
     except InvalidWebhookState as exc:
-        flash(_text(exc.message, exc.message_en), "webhook-error")
+        flash(localized(exc.message, exc.message_en), "webhook-error")
     else:
         if active:
-            flash(_text("再配信を予約しました。数秒以内に送信します。",
-                        "Queued for redelivery; it is sent within seconds."), "webhook")
+            flash(localized("再配信を予約しました。数秒以内に送信します。",
+                            "Queued for redelivery; it is sent within seconds."), "webhook")
         else:
-            flash(_text("再配信を予約しました。送信先が停止中のため、再開後に送信します。",
-                        "Queued for redelivery; the endpoint is disabled, so it is sent once "
-                        "the endpoint is enabled."), "webhook")
+            flash(localized("再配信を予約しました。送信先が停止中のため、再開後に送信します。",
+                            "Queued for redelivery; the endpoint is disabled, so it is sent once "
+                            "the endpoint is enabled."), "webhook")
     return redirect(url_for(".delivery_detail", delivery_pk=delivery_pk), code=303)
