@@ -84,3 +84,24 @@ def passphrase_env(monkeypatch: pytest.MonkeyPatch) -> str:
     """Provide the passphrase through KOIN_KEY_PASSPHRASE instead of the file."""
     monkeypatch.setenv("KOIN_KEY_PASSPHRASE", PASSPHRASE)
     return PASSPHRASE
+
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+START_REDIS = (
+    'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
+)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis of the tests (KOIN_TEST_REDIS_URL, default local): fails, never skips, when
+    it cannot be reached."""
+    import redis
+
+    url = os.environ.get("KOIN_TEST_REDIS_URL") or DEFAULT_REDIS_URL
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis at {url} is not reachable ({exc}); start it with: {START_REDIS}",
+                    pytrace=False)
+    return url

@@ -42,8 +42,8 @@ from contracts import (
 from tests.hostile import password_protected_pdf
 from tests.validators import pyhanko_status
 from web import create_app
-from web.apiauth import TokenBucketLimiter
 from web.cli import cli
+from web.ratelimit import TokenBucketLimiter
 
 T0 = dt.datetime(2026, 4, 1, 9, 0, tzinfo=dt.UTC)
 SIGNER = "hisho@pref.ibaraki.example"

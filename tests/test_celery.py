@@ -42,24 +42,7 @@ from tests.permits import numbered_copies
 from tests.validators import pdfsig, pyhanko_status
 from web import create_app, services
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-START_REDIS = (
-    'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
-)
 pytestmark = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    import redis
-
-    url = os.environ.get("KOIN_TEST_REDIS_URL") or DEFAULT_REDIS_URL
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis at {url} is not reachable ({exc}); start it with: {START_REDIS}",
-                    pytrace=False)
-    return url
 
 
 @pytest.fixture

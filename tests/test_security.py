@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import html.parser
 import logging
 import os
@@ -760,6 +761,79 @@ def test_api_keys_are_limited(world: World) -> None:
     assert [r.status_code for r in got] == [200, 200, 429]
     _retry_after(got[2])
     services.close(app)
+
+
+
+def _login_limited_app(world: World, store: str, secret: str) -> Flask:
+    """One more server process of the world's installation: login limits of 3 per account."""
+    return create_app({
+        "KOIN_HOME": str(world.home), "KOIN_DATABASE_URL": f"sqlite:///{world.home}/koin.db",
+        "KOIN_PUBLIC_URL": PUBLIC_URL, "SECRET_KEY": secret, "TESTING": True,
+        "KOIN_RATE_LIMIT_STORE": store,
+        "KOIN_RATE_LIMITS": {"login_ip": (0.001, 100), "login_account": (0.001, 3)},
+    })
+
+
+def _failed_logins(apps: list[Flask], email: str) -> list[int]:
+    """A wrong password for ``email`` through each app in turn, from fresh addresses."""
+    got = []
+    for number, app in enumerate(apps):
+        client = app.test_client()
+        token = _csrf(client.get("/login"))
+        answer = client.post("/login", data={"csrf_token": token, "email": email,
+                                             "password": "wrong"},
+                             **_from(f"192.0.2.{100 + number}"))
+        got.append(answer.status_code)
+    return got
+
+
+def test_login_limits_are_shared_by_processes_through_redis(
+    world: World, redis_url: str
+) -> None:
+    """Two server processes (two apps) on one Redis count one account's tries together; each
+    in its own memory lets the account be tried twice as often."""
+    import redis
+
+    secret = f"{SECRET}-{secrets.token_hex(8)}"  # a fresh installation: fresh buckets
+    # an address no account has: the database's lockout after 5 failures stays out of it
+    email = f"nobody-{secrets.token_hex(4)}@pref.ibaraki.example"
+    shared = [_login_limited_app(world, redis_url, secret) for _ in range(2)]
+    # 3 tries for the account in all: the fourth, on either process, is refused
+    assert _failed_logins([shared[0], shared[1], shared[0], shared[1]], email) == [
+        401, 401, 401, 429]
+    separate = [_login_limited_app(world, "memory", secret) for _ in range(2)]
+    assert _failed_logins([separate[0], separate[1], separate[0], separate[1]], email) == [
+        401, 401, 401, 401]
+    # Redis holds hashes of the address and account, and each bucket expires
+    client = redis.Redis.from_url(redis_url)
+    tag = hashlib.sha256(b"koin rate limits\0" + secret.encode()).hexdigest()[:16]
+    names = [name.decode() for name in client.scan_iter(f"koin:rl:{tag}:*")]
+    assert {name.split(":")[3] for name in names} == {"login_ip", "login_account"}
+    assert not [name for name in names if "@" in name or "192.0.2" in name]
+    # a bucket lives until it would be full again: burst / rate seconds (3 / 0.001, 100 / 0.001)
+    assert sorted({client.ttl(name) // 100 for name in names}) == [30, 1000]
+    for app in shared + separate:
+        services.close(app)
+
+
+def test_an_unreachable_rate_limit_store_counts_in_the_process_and_says_so(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down: the limits still hold, per process, and the log says why (once)."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    app = _login_limited_app(world, dead, f"{SECRET}-{secrets.token_hex(8)}")
+    with caplog.at_level(logging.WARNING, logger="web.ratelimit"):
+        email = f"nobody-{secrets.token_hex(4)}@pref.ibaraki.example"
+        assert _failed_logins([app] * 4, email) == [401, 401, 401, 429]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "web.ratelimit"]
+    assert len([w for w in warnings if "login_account" in w]) == 1, warnings
+    assert "unreachable" in warnings[0] and "ConnectionError" in warnings[0]
+    services.close(app)
+
+
+def test_a_mistyped_rate_limit_store_stops_the_start(world: World) -> None:
+    with pytest.raises(ValueError, match="KOIN_RATE_LIMIT_STORE"):
+        _login_limited_app(world, "memcached://127.0.0.1:11211", SECRET)
 
 
 # -- no secret in any log --------------------------------------------------------------------------

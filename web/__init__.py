@@ -56,6 +56,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         # X-Forwarded-For/-Proto are trusted, and overrides of DEFAULT_RATE_LIMITS.
         KOIN_TRUSTED_PROXIES=settings.trusted_proxies,
         KOIN_RATE_LIMITS={},
+        KOIN_RATE_LIMIT_STORE=settings.rate_limit_store,
         # Operations (web.metrics, web.status_views): bearer token of /metrics (None: open),
         # days before a certificate's expiry from which the status page warns.
         KOIN_METRICS_TOKEN=settings.metrics_token,

@@ -1,17 +1,14 @@
 """API keys on the REST API v1: ``Authorization: Bearer koin_…`` and a rate limit per key.
 
-The rate limit is a token bucket per key held in this process's memory
-(``KOIN_API_RATE`` requests per second, bursts of ``KOIN_API_BURST``). With several worker
-processes each process counts for itself, so the effective limit is that many times higher; a
-shared limit would need a shared store (e.g. the reverse proxy's own limiter).
+The rate limit is a token bucket per key (``KOIN_API_RATE`` requests per second, bursts of
+``KOIN_API_BURST``), shared by all server processes when the installation has Redis
+(:mod:`web.ratelimit`), else counted in each process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import threading
-import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -23,60 +20,22 @@ from contracts.apikeys import ApiScope
 
 from . import services
 from .errors import api_error
+from .ratelimit import RateLimiter, limiter
 
-__all__ = ["TokenBucketLimiter", "api_user", "require_api_key"]
+__all__ = ["api_user", "require_api_key"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_RATE = 10.0
 DEFAULT_BURST = 20
-#: Buckets untouched this long are dropped (they would be full again anyway).
-_IDLE_SECONDS = 600.0
 
 
-class TokenBucketLimiter:
-    """Token buckets keyed by a string: ``rate`` tokens per second, at most ``burst``."""
-
-    def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be positive and burst at least 1")
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, when)
-        self._lock = threading.Lock()
-
-    def take(self, key: str) -> float:
-        """Take one token for ``key``: 0.0 if there was one, else the seconds until there is."""
-        with self._lock:
-            now = self._clock()
-            tokens, when = self._buckets.get(key, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - when) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
-                wait = 0.0
-            else:
-                self._buckets[key] = (tokens, now)
-                wait = (1.0 - tokens) / self.rate
-            if len(self._buckets) > 10_000:
-                self._buckets = {
-                    k: v for k, v in self._buckets.items() if now - v[1] < _IDLE_SECONDS
-                }
-            return wait
-
-
-def _limiter() -> TokenBucketLimiter:
-    extensions = current_app.extensions
-    limiter: TokenBucketLimiter | None = extensions.get("koin_api_limiter")
-    if limiter is None:
-        limiter = TokenBucketLimiter(
-            float(current_app.config.get("KOIN_API_RATE", DEFAULT_RATE)),
-            int(current_app.config.get("KOIN_API_BURST", DEFAULT_BURST)),
-        )
-        extensions["koin_api_limiter"] = limiter
-    return limiter
+def _limiter() -> RateLimiter:
+    return limiter(
+        "api_key",
+        float(current_app.config.get("KOIN_API_RATE", DEFAULT_RATE)),
+        int(current_app.config.get("KOIN_API_BURST", DEFAULT_BURST)),
+    )
 
 
 def _unauthorized(message: str, message_en: str) -> tuple[Response, int]:

@@ -74,6 +74,11 @@ class Settings:
     api_burst: int = field(
         default_factory=lambda: int(os.environ.get("KOIN_API_BURST", "").strip() or 20)
     )
+    #: Where rate limits count (web.ratelimit): "memory" (each process) or a Redis URL (all
+    #: processes of all machines); None: the broker when that is Redis, else memory.
+    rate_limit_store: str | None = field(
+        default_factory=lambda: os.environ.get("KOIN_RATE_LIMIT_STORE", "").strip() or None
+    )
     #: Celery broker (e.g. ``redis://127.0.0.1:6379/0``): batches are signed by ``koin worker``
     #: processes. None: by a thread of ``koin serve`` (embedded, one machine).
     broker_url: str | None = field(

@@ -9,11 +9,11 @@ framed by (``frame-ancestors 'none'`` — a party's 合意する button cannot b
 name the logged-in user, parties' data, uploaded documents' reports), and HSTS when
 ``KOIN_PUBLIC_URL`` is https.
 
-Rate limits (:func:`rate_limited`): token buckets (:class:`web.apiauth.TokenBucketLimiter`)
-per client address and per account or link, for staff login, the access / one-time code of a
-party link, and verification uploads; the API keys have their own (:mod:`web.apiauth`). Like
-those, they live in the memory of each server process: with several processes each counts
-for itself, so the effective limit is that many times higher. The client address is
+Rate limits (:func:`rate_limited`): token buckets (:mod:`web.ratelimit`) per client address
+and per account or link, for staff login, the access / one-time code of a party link, and
+verification uploads; the API keys have their own (:mod:`web.apiauth`). They are shared by
+every server process through Redis when the installation has it (``KOIN_RATE_LIMIT_STORE``,
+default the Celery broker when that is Redis), else counted in each process. The client address is
 ``request.remote_addr``; behind reverse proxies set ``KOIN_TRUSTED_PROXIES`` (see
 :func:`init_app`) so that it is the client's, not the proxy's.
 """
@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from flask import Flask, Response, current_app, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .apiauth import TokenBucketLimiter
+from .ratelimit import RateLimiter, check_store, limiter
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
@@ -81,16 +81,11 @@ def client_address() -> str:
     return request.remote_addr or "unknown"
 
 
-def _limiter(name: str) -> TokenBucketLimiter:
-    extensions = current_app.extensions
-    limiters: dict[str, TokenBucketLimiter] = extensions.setdefault("koin_rate_limiters", {})
-    limiter = limiters.get(name)
-    if limiter is None:
-        configured = dict(DEFAULT_RATE_LIMITS)
-        configured.update(current_app.config.get("KOIN_RATE_LIMITS") or {})
-        rate, burst = configured[name]
-        limiter = limiters.setdefault(name, TokenBucketLimiter(float(rate), int(burst)))
-    return limiter
+def _limiter(name: str) -> RateLimiter:
+    configured = dict(DEFAULT_RATE_LIMITS)
+    configured.update(current_app.config.get("KOIN_RATE_LIMITS") or {})
+    rate, burst = configured[name]
+    return limiter(name, float(rate), int(burst))
 
 
 def rate_limited(*checks: tuple[str, str]) -> int | None:
@@ -126,6 +121,7 @@ def init_app(app: Flask) -> None:
     address and scheme come from the ``X-Forwarded-For`` / ``-Proto`` headers set by the N
     reverse proxies in front (werkzeug's ``ProxyFix``; never trust them without proxies)."""
     app.after_request(_headers)
+    check_store(app.config)  # a mistyped KOIN_RATE_LIMIT_STORE stops the start, not a login
     hops = int(app.config.get("KOIN_TRUSTED_PROXIES") or 0)
     if hops > 0:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
