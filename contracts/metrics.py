@@ -5,7 +5,8 @@ The web tier exposes them at ``/metrics`` (:mod:`web.metrics`), together with ga
 from the database when it is scraped (:mod:`contracts.operations`). Under gunicorn with several
 worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` to an empty folder (prometheus_client's
 multiprocess mode): each process then writes its values there and ``/metrics`` adds them up.
-Batches signed by Celery workers count in the worker processes, which serve no ``/metrics``.
+Batches signed by Celery workers count in the worker processes, whose sum ``koin worker
+--metrics-port`` serves (:mod:`web._worker_metrics`).
 
 Metric names (``koin_`` prefix):
 

@@ -19,6 +19,7 @@
 #   KOIN_BIND_HOST      address the web and the TSA listen on (default 127.0.0.1)
 #   KOIN_WEB_PORT, KOIN_TSA_PORT      default 8000 and 3161
 #   KOIN_WEB_WORKERS, KOIN_WORKER_CONCURRENCY   gunicorn workers, signing processes (default 2)
+#   KOIN_WORKER_METRICS_PORT   serve the worker's metrics there (default: not served)
 #   KOIN_STOP_TIMEOUT   seconds a service gets to stop before SIGKILL (default 30)
 #   KOIN_BIN            the koin command (default: .venv/bin/koin of this checkout, else PATH)
 #   every other KOIN_* setting (KOIN_SMTP_URL, KOIN_KEY_PASSPHRASE, …) is passed on as it is.
@@ -237,7 +238,9 @@ start() {
 
     launch tsa "$KOIN" tsa serve --host "$KOIN_BIND_HOST" --port "$KOIN_TSA_PORT"
     wait_until tsa 30 port_open "$KOIN_BIND_HOST" "$KOIN_TSA_PORT"
-    launch worker "$KOIN" worker --no-beat --concurrency "$KOIN_WORKER_CONCURRENCY" \
+    # with KOIN_WORKER_METRICS_PORT: the worker's batch signatures at that port's /metrics
+    launch worker env PROMETHEUS_MULTIPROC_DIR="$RUN_DIR/worker-metrics" \
+        "$KOIN" worker --no-beat --concurrency "$KOIN_WORKER_CONCURRENCY" \
         --hostname "koin-worker@%h-$KOIN_WEB_PORT"
     launch scheduler "$KOIN" scheduler
     # the metrics of all gunicorn workers, summed by /metrics (web.metrics); gunicorn only

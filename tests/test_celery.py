@@ -257,11 +257,15 @@ def test_worker_killed_mid_batch_and_replaced_signs_each_document_once(
     assert before.get("done", 0) >= total // 5
     with koin_worker(worker_env) as second:
         _wait(sessions, total, second, timeout=600)
-    deadline = time.monotonic() + 30
-    while _counts(sessions) != {"done": total} or client.get(
-            f"/api/v1/batches/{batch_id}", headers=_auth(key)).get_json()["status"] != "finished":
-        assert time.monotonic() < deadline, _counts(sessions)
-        time.sleep(0.5)
+        # the worker marks the batch finished just after committing its last documents: wait
+        # for that before stopping it (stopped in between, the batch would wait for the next
+        # worker's reconciler, as after a crash)
+        deadline = time.monotonic() + 30
+        while _counts(sessions) != {"done": total} or client.get(
+                f"/api/v1/batches/{batch_id}", headers=_auth(key)
+        ).get_json()["status"] != "finished":
+            assert time.monotonic() < deadline, _counts(sessions)
+            time.sleep(0.5)
     outputs = _check_signed_exactly_once(sessions, home, batch_id, total)
     for path in outputs[:: total // 6]:
         assert pyhanko_status(path.read_bytes(), root_cert).bottom_line
@@ -313,3 +317,63 @@ def _all_lta(sessions: sessionmaker[Session], model: Any, count: int) -> bool:
     with sessions() as session:
         rows = session.scalars(select(model)).all()
         return len(rows) >= count and all(r.renewals >= 1 for r in rows)
+
+
+def _scrape(url: str, token: str | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_worker_metrics_count_the_signatures_of_all_its_processes(
+    client: FlaskClient, key: str, worker_env: dict[str, str], sessions: sessionmaker[Session],
+    permit: bytes, tmp_path: Path,
+) -> None:
+    """Batch signatures are made in the worker's prefork processes: `koin worker
+    --metrics-port` serves their sum, so that koin_documents_signed_total holds them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.servers import free_port, wait_for_port
+
+    folder = tmp_path / "worker-metrics"
+    folder.mkdir()
+    (folder / "counter_999999.db").write_bytes(b"left from an earlier run")
+    port, token, total = free_port(), secrets.token_urlsafe(16), 6
+    env = {**worker_env, "PROMETHEUS_MULTIPROC_DIR": str(folder),
+           "KOIN_WORKER_METRICS_PORT": str(port), "KOIN_METRICS_TOKEN": token}
+    batch_id = _start_batch(client, key, list(numbered_copies(permit, total)))
+    with koin_worker(env) as worker:
+        wait_for_port(port, worker, timeout=60)
+        _wait(sessions, total, worker, timeout=300)
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert _scrape(url)[0] == 401
+        assert _scrape(url, "not-" + token)[0] == 401
+        status, text = _scrape(url, token)
+    assert status == 200, text
+    values = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+    signed = values[("koin_documents_signed_total", (("level", "B-T"), ("role", "position")))]
+    assert signed == total, (batch_id, values)
+    assert values[("koin_signing_seconds_count", (("role", "position"),))] == total
+    assert not (folder / "counter_999999.db").exists()  # the earlier run's values are gone
+    assert len(list(folder.glob("counter_*.db"))) >= 1
+
+
+def test_worker_metrics_need_a_folder_of_their_own(worker_env: dict[str, str]) -> None:
+    env = {k: v for k, v in worker_env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    koin = Path(sys.executable).parent / "koin"
+    done = subprocess.run([str(koin), "worker", "--metrics-port", "9"],
+                          env={**env, "KOIN_LANG": "en"}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "--metrics-port needs PROMETHEUS_MULTIPROC_DIR" in done.stderr, done.stderr

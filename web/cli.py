@@ -1128,10 +1128,17 @@ def _require_broker(settings: Settings) -> str:
 @click.option("--loglevel", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--hostname", help="Celery node name (default: koin@HOST).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="KOIN_WORKER_METRICS_PORT",
+              help="Serve the Prometheus metrics of this worker's signing processes at "
+              "http://HOST:PORT/metrics (needs PROMETHEUS_MULTIPROC_DIR; KOIN_METRICS_TOKEN "
+              "applies).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              envvar="KOIN_WORKER_METRICS_HOST", help="Address of --metrics-port.")
 @click.pass_obj
 @refusals_exit_1
 def worker(
-    settings: Settings, concurrency: int, beat: bool, loglevel: str, hostname: str | None
+    settings: Settings, concurrency: int, beat: bool, loglevel: str, hostname: str | None,
+    metrics_port: int | None, metrics_host: str,
 ) -> None:
     """Sign batch documents from the queue (Celery on KOIN_BROKER_URL) until stopped.
 
@@ -1142,6 +1149,10 @@ def worker(
 
     broker_url = _require_broker(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
+    if metrics_port is not None:
+        from ._worker_metrics import serve_worker_metrics
+
+        serve_worker_metrics(metrics_host, metrics_port, settings.metrics_token)
     app = tasks.configure(broker_url, _worker_config(settings))
     argv = [
         "worker", f"--concurrency={concurrency}", "--pool=prefork", f"--loglevel={loglevel}",
