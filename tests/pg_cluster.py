@@ -13,9 +13,27 @@ from tests.servers import free_port
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), Path("/usr/bin"))
 
 
-def _as_postgres(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True,
-                          text=True, check=True, timeout=120)
+class ClusterCommandFailed(subprocess.CalledProcessError):
+    """A failed PostgreSQL command, with what it printed and the server log's tail in its
+    message (pytest shows only the message)."""
+
+    def __init__(self, failed: subprocess.CalledProcessError, log: Path | None) -> None:
+        super().__init__(failed.returncode, failed.cmd, failed.output, failed.stderr)
+        self.log_tail = ""
+        if log is not None and log.exists():
+            self.log_tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()}\nstdout: {self.output}\nstderr: {self.stderr}"
+                f"\nserver log:\n{self.log_tail}")
+
+
+def _as_postgres(*args: str, log: Path | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True,
+                              text=True, check=True, timeout=180)
+    except subprocess.CalledProcessError as exc:
+        raise ClusterCommandFailed(exc, log) from None
 
 
 class PrivateCluster:
@@ -43,8 +61,10 @@ class PrivateCluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/koin"
 
     def _ctl(self, *args: str) -> None:
-        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-l",
-                     str(self.folder / "pg.log"), *args)
+        # -t 150: on a machine busy with other tests the default 60 s wait was not always enough
+        log = self.folder / "pg.log"
+        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-t", "150", "-l",
+                     str(log), *args, log=log)
 
     def start(self) -> None:
         self._ctl("-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
