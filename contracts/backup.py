@@ -22,12 +22,19 @@ read transaction on SQLite), so the dump is one consistent state; files are read
 file the dump refers to is there (files written meanwhile may be too, without a row). The dump
 is independent of the database: a backup of SQLite restores into PostgreSQL and back.
 
+Stored files are streamed in pieces of 1 MiB both ways (a signed PDF may be a gigabyte): a file
+is hashed as it goes into the tar, and one that changes while it is read (size or modification
+time moved, or it ended early) fails the backup rather than going in as a state that never was.
+Only secrets, small files, are held whole to be sealed.
+
 A restore first reads the whole archive and checks every member against the manifest (a
 damaged or altered archive is refused before anything is written), decrypts the secrets
 (a wrong passphrase is refused likewise), refuses a target that already holds an installation
-(unless ``force``), migrates the target database to the backed-up revision, loads the rows in
-one transaction, sets PostgreSQL's sequences past the loaded keys, writes the files, and
-finally migrates to the newest revision this koin knows.
+(unless ``force``: then the installation in KOIN_HOME, a SQLite database inside it included, is
+moved aside whole, and koin's tables in another database are dropped), migrates the target
+database to the backed-up revision, loads the rows in one transaction, sets PostgreSQL's
+sequences past the loaded keys, writes the files (each through a temporary file, fsynced and
+renamed), and finally migrates to the newest revision this koin knows.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from keys import atomic_write
+from keys import atomic_writer
 
 from . import migrate
 from ._db import SQLITE_FILE, Base, make_engine, utcnow
@@ -120,6 +127,7 @@ _SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
 _ENCRYPTED_SUFFIXES = (".p12", ".pfx")
 _CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer", ".der")
 _PRIVATE_KEY_MARK = b"PRIVATE KEY-----"
+_PDF_MARK = b"%PDF"
 
 
 class BackupError(ContractsError):
@@ -144,6 +152,8 @@ class RestoreReport:
     tables: dict[str, int]
     files: int
     secrets: int
+    #: where the installation that was in KOIN_HOME was moved (a forced restore), else None
+    replaced: Path | None = None
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -221,20 +231,39 @@ def _decode(kind: str, value: Any, *, naive: bool) -> Any:
 # -- secrets --------------------------------------------------------------------------------------
 
 
-def _is_secret(relative: PurePosixPath, data: bytes) -> bool:
-    """Whether a file below KOIN_HOME holds a secret that is not encrypted on disk."""
+def _is_secret(relative: PurePosixPath, handle: IO[bytes]) -> bool:
+    """Whether a file below KOIN_HOME holds a secret that is not encrypted on disk.
+
+    ``handle`` is read from where it stands, in pieces: a PDF is known by its first bytes, other
+    files are searched for a PEM private key without being held whole (only a PKCS#12 file,
+    a small key file, is read whole to try to open it).
+    """
     parts, name = relative.parts, relative.name.lower()
     if relative.as_posix() == "secret_key":
         return True
     if name.endswith(_ENCRYPTED_SUFFIXES):
-        return _opens_without_password(data)
+        return _opens_without_password(handle.read())
     if parts[0] == "keys" or parts[:2] == ("pki", "private"):
         if name == "keystore.json":
             return False
-        if name.endswith(_CERTIFICATE_SUFFIXES) and _PRIVATE_KEY_MARK not in data:
-            return False
+        if name.endswith(_CERTIFICATE_SUFFIXES):
+            return _holds_private_key(handle)
         return True
-    return not data.startswith(b"%PDF") and _PRIVATE_KEY_MARK in data
+    head = handle.read(len(_PDF_MARK))
+    return head != _PDF_MARK and _holds_private_key(handle, head)
+
+
+def _holds_private_key(handle: IO[bytes], start: bytes = b"") -> bool:
+    """Whether the rest of ``handle`` (after ``start``, already read) holds a PEM private key;
+    read in pieces that overlap by the length of the mark."""
+    carry = start
+    while True:
+        if _PRIVATE_KEY_MARK in carry:
+            return True
+        chunk = handle.read(_READ_CHUNK)
+        if not chunk:
+            return False
+        carry = carry[-(len(_PRIVATE_KEY_MARK) - 1):] + chunk
 
 
 def _opens_without_password(pkcs12_data: bytes) -> bool:
@@ -339,6 +368,43 @@ def _dump_table(conn: Connection, table: Table, out: IO[bytes]) -> int:
 # -- writing the archive --------------------------------------------------------------------------
 
 
+class _EndedEarly(Exception):
+    """A source gave fewer bytes than its member's size (a file shrank while it was read)."""
+
+
+class _SourceFailed(Exception):
+    """Reading a source failed (told apart from failing to write the archive)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _Hashing:
+    """Reads exactly ``size`` bytes from ``source`` for :meth:`tarfile.TarFile.addfile`, and
+    hashes them on the way: the SHA-256 is that of what went into the archive."""
+
+    def __init__(self, source: IO[bytes], size: int) -> None:
+        self.source = source
+        self.remaining = size
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        want = self.remaining if size < 0 else min(size, self.remaining)
+        try:
+            data = self.source.read(want)
+            while len(data) < want:
+                more = self.source.read(want - len(data))
+                if not more:
+                    raise _EndedEarly
+                data += more
+        except OSError as exc:
+            raise _SourceFailed(exc) from exc
+        self.remaining -= len(data)
+        self.digest.update(data)
+        return data
+
+
 class _Writer:
     """Adds members to the tar and remembers their SHA-256."""
 
@@ -348,19 +414,19 @@ class _Writer:
         self.hashes: dict[str, str] = {}
 
     def add(self, name: str, data: bytes | IO[bytes], size: int | None = None) -> None:
+        """Add a member: ``data`` whole, or ``size`` bytes read from it in pieces.
+
+        :raises _EndedEarly: ``data`` ended before ``size`` bytes.
+        :raises _SourceFailed: reading ``data`` failed.
+        """
         if isinstance(data, bytes):
-            self.hashes[name] = hashlib.sha256(data).hexdigest()
             size, data = len(data), io.BytesIO(data)
-        else:
-            digest = hashlib.sha256()
-            while chunk := data.read(_READ_CHUNK):
-                digest.update(chunk)
-            self.hashes[name] = digest.hexdigest()
-            size = data.tell()
-            data.seek(0)
+        assert size is not None
+        source = _Hashing(data, size)
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = size, int(self.created), 0o600
-        self.tar.addfile(info, data)
+        self.tar.addfile(info, source)
+        self.hashes[name] = source.digest.hexdigest()
 
 
 def _walk(home: Path, skip: set[Path]) -> Iterator[tuple[PurePosixPath, Path, bool]]:
@@ -391,20 +457,98 @@ def _walk(home: Path, skip: set[Path]) -> Iterator[tuple[PurePosixPath, Path, bo
             yield PurePosixPath(path.relative_to(home).as_posix()), path, False
 
 
-def _read(path: Path) -> bytes | None:
-    """The file's bytes, or None if it was removed meanwhile (files come and go while koin
-    serves; one gone after the database was read is not needed to restore it).
+def _cannot_read(path: Path, exc: OSError) -> BackupError:
+    return BackupError(
+        f"{path} を読めません。", f"Cannot read {path} ({exc.__class__.__name__})."
+    )
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[IO[bytes] | None]:
+    """The file open for reading, or None if it was removed meanwhile (files come and go
+    while koin serves; one gone after the database was read is not needed to restore it).
 
     :raises BackupError: the file cannot be read.
     """
     try:
-        return path.read_bytes()
+        handle = path.open("rb")
     except FileNotFoundError:
-        return None
+        yield None
+        return
     except OSError as exc:
-        raise BackupError(
-            f"{path} を読めません。", f"Cannot read {path} ({exc.__class__.__name__})."
-        ) from exc
+        raise _cannot_read(path, exc) from exc
+    with handle:
+        yield handle
+
+
+def _plain_secret(relative: PurePosixPath, path: Path) -> bool:
+    """:raises BackupError: the file cannot be read."""
+    with _opened(path) as handle:
+        try:
+            return handle is not None and _is_secret(relative, handle)
+        except OSError as exc:
+            raise _cannot_read(path, exc) from exc
+
+
+def _changed(relative: PurePosixPath) -> BackupError:
+    return BackupError(
+        f"{relative} がバックアップの途中で変更されました。もう一度バックアップしてください"
+        "(バックアップファイルは作っていません)。",
+        f"{relative} changed while it was being backed up; run the backup again (no backup "
+        "file was made).",
+    )
+
+
+def _add_file(
+    writer: _Writer, relative: PurePosixPath, path: Path, cipher: AESGCM | None
+) -> dict[str, Any] | None:
+    """Add one stored file to the archive: an ordinary file streamed in pieces, hashed as it
+    goes in; a secret read whole and sealed. Its manifest entry, or None if it is gone.
+
+    :raises BackupError: the file cannot be read; it is a secret and there is no passphrase;
+        it changed while it was read (its size or modification time moved, or it ended early:
+        the member would hold a state of the file that never was).
+    """
+    with _opened(path) as handle:
+        if handle is None:
+            return None
+        try:
+            before = os.fstat(handle.fileno())
+            secret = _is_secret(relative, handle)
+            handle.seek(0)
+            data = handle.read() if secret else b""  # a secret is small; it is sealed whole
+        except OSError as exc:
+            raise _cannot_read(path, exc) from exc
+        if secret and cipher is None:  # it became one while the backup was made
+            raise BackupError(
+                f"{relative} は暗号化されていない秘密情報です。パスフレーズを指定してください。",
+                f"{relative} is a secret that is not encrypted on disk; give a passphrase.",
+            )
+        if secret:
+            assert cipher is not None
+            member = f"secrets/{relative.as_posix()}.enc"
+            if len(data) != before.st_size:
+                raise _changed(relative)
+            writer.add(member, _seal(cipher, member, data))
+        else:
+            member = f"files/{relative.as_posix()}"
+            try:
+                writer.add(member, handle, before.st_size)
+            except _EndedEarly:
+                raise _changed(relative) from None
+            except _SourceFailed as exc:
+                raise _cannot_read(path, exc.error) from exc
+        try:
+            grew = bool(handle.read(1))
+            after = os.fstat(handle.fileno())
+        except OSError as exc:
+            raise _cannot_read(path, exc) from exc
+    if grew or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise _changed(relative)
+    return {
+        "path": relative.as_posix(), "member": member, "encrypted": secret,
+        "mode": stat.S_IMODE(before.st_mode), "mtime": before.st_mtime, "size": before.st_size,
+    }
 
 
 def _skipped_paths(home: Path, database_url: str, out: Path) -> set[Path]:
@@ -451,7 +595,7 @@ def create_backup(
     skip = _skipped_paths(home, database_url, out)
     plain_secrets = [  # refused before anything is written (checked again while writing)
         rel.as_posix() for rel, path, is_dir in _walk(home, skip)
-        if not is_dir and _is_secret(rel, _read(path) or b"")
+        if not is_dir and _plain_secret(rel, path)
     ]
     if plain_secrets and passphrase is None:
         names = ", ".join(plain_secrets)
@@ -513,8 +657,9 @@ def _write_members(
                 member = f"database/{number:03d}-{table.name}.jsonl"
                 with tempfile.TemporaryFile() as dump:
                     rows = _dump_table(conn, table, dump)
+                    size = dump.tell()
                     dump.seek(0)
-                    writer.add(member, dump)
+                    writer.add(member, dump, size)
                 tables.append({
                     "name": table.name, "member": member, "rows": rows,
                     "columns": [[c.name, _kind(c.type)] for c in table.columns],
@@ -531,37 +676,18 @@ def _write_members(
     folders: list[dict[str, Any]] = []
     # Listed after the database was read: every file a row of the dump refers to is there.
     for relative, path, is_dir in _walk(home, skip):
+        if not is_dir:
+            entry = _add_file(writer, relative, path, cipher)
+            if entry is not None:  # else removed since the walk (a signed copy past its day)
+                files.append(entry)
+            continue
         try:
             info = path.stat()
         except FileNotFoundError:
-            continue  # removed since the walk (e.g. a signed copy past its day)
+            continue
         except OSError as exc:
-            raise BackupError(
-                f"{path} を読めません。", f"Cannot read {path} ({exc.__class__.__name__})."
-            ) from exc
-        if is_dir:
-            folders.append({"path": relative.as_posix(), "mode": stat.S_IMODE(info.st_mode)})
-            continue
-        data = _read(path)
-        if data is None:
-            continue
-        secret = _is_secret(relative, data)
-        if secret and cipher is None:  # it became one while the backup was made
-            raise BackupError(
-                f"{relative} は暗号化されていない秘密情報です。パスフレーズを指定してください。",
-                f"{relative} is a secret that is not encrypted on disk; give a passphrase.",
-            )
-        if secret:
-            assert cipher is not None
-            member = f"secrets/{relative.as_posix()}.enc"
-            writer.add(member, _seal(cipher, member, data))
-        else:
-            member = f"files/{relative.as_posix()}"
-            writer.add(member, data)
-        files.append({
-            "path": relative.as_posix(), "member": member, "encrypted": secret,
-            "mode": stat.S_IMODE(info.st_mode), "mtime": info.st_mtime, "size": len(data),
-        })
+            raise _cannot_read(path, exc) from exc
+        folders.append({"path": relative.as_posix(), "mode": stat.S_IMODE(info.st_mode)})
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -614,21 +740,47 @@ def _damaged(reason: str, reason_en: str) -> BackupError:
     )
 
 
+def _cannot_read_archive(path: Path, exc: OSError) -> BackupError:
+    return BackupError(
+        f"バックアップファイル {path} を読めません。",
+        f"Cannot read the backup file {path} ({exc.__class__.__name__}).",
+    )
+
+
 @contextmanager
-def _open_archive(path: Path) -> Iterator[tarfile.TarFile]:
+def _archive_file(path: Path) -> Iterator[IO[bytes]]:
+    """The backup file, open for reading: a restore reads it three times (check, rows,
+    files) through this one handle, so it reads the very file it checked, wherever the file
+    is moved meanwhile (into the folder the old installation is moved aside to, say).
+
+    :raises BackupError: the file does not exist or cannot be opened.
+    """
     try:
-        with tarfile.open(path, mode="r:*") as tar:
-            yield tar
+        handle = path.open("rb")
     except FileNotFoundError:
         raise BackupError(
             f"バックアップファイル {path} がありません。", f"The backup file {path} does not exist."
         ) from None
+    except OSError as exc:
+        raise _cannot_read_archive(path, exc) from exc
+    with handle:
+        yield handle
+
+
+@contextmanager
+def _open_archive(source: IO[bytes]) -> Iterator[tarfile.TarFile]:
+    """The tar in ``source``, read from its start.
+
+    :raises BackupError: it is not a readable tar/gzip, or reading it failed.
+    """
+    path = Path(getattr(source, "name", "?"))
+    try:
+        source.seek(0)
+        with tarfile.open(fileobj=source, mode="r:*") as tar:
+            yield tar
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno:
-            raise BackupError(
-                f"バックアップファイル {path} を読めません。",
-                f"Cannot read the backup file {path} ({exc.__class__.__name__}).",
-            ) from exc
+            raise _cannot_read_archive(path, exc) from exc
         raise _damaged("tar/gzip として読めません", f"not a readable tar/gzip: {exc}") from exc
 
 
@@ -647,7 +799,7 @@ class _Checked:
     secrets: dict[str, bytes] = field(default_factory=dict)
 
 
-def _read_checked(path: Path) -> _Checked:
+def _read_checked(source: IO[bytes]) -> _Checked:
     """Read the whole archive once: every member's SHA-256 against the manifest.
 
     :raises BackupError: the archive is unreadable, or a member is missing, extra, or
@@ -656,7 +808,7 @@ def _read_checked(path: Path) -> _Checked:
     hashes: dict[str, str] = {}
     manifest_bytes: bytes | None = None
     sealed: dict[str, bytes] = {}
-    with _open_archive(path) as tar:
+    with _open_archive(source) as tar:
         for info, handle in _members(tar):
             if info.name in hashes or (info.name == MANIFEST and manifest_bytes is not None):
                 raise _damaged(f"メンバー {info.name!r} が重複", f"duplicate {info.name!r}")
@@ -752,7 +904,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
     :raises BackupError: the file is missing, unreadable, damaged or altered.
     """
-    return _read_checked(path).manifest
+    with _archive_file(path) as source:
+        return _read_checked(source).manifest
 
 
 def _decrypt_secrets(checked: _Checked, passphrase: bytes | None) -> dict[str, bytes]:
@@ -855,38 +1008,84 @@ def restore_backup(
     passphrase: bytes | None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    now: dt.datetime | None = None,
 ) -> RestoreReport:
     """Restore the backup ``archive`` into ``home`` and the database at ``database_url``.
 
+    With ``force``, a ``home`` that is not empty is first moved aside whole (see
+    :func:`_move_aside`; a SQLite database inside it goes along), so that it then holds exactly
+    the backup's files; koin's tables in a database elsewhere (PostgreSQL, or SQLite outside
+    ``home``) are dropped.
+
     :raises BackupError: the archive is missing, unreadable, damaged or altered; it holds
         secrets and ``passphrase`` is missing or wrong; it was made by a newer koin; the target
-        already holds an installation and ``force`` is not set; the rows do not fit the
-        database (nothing is loaded then).
+        already holds an installation and ``force`` is not set; the installation in ``home``
+        cannot be moved aside (nothing is changed then); the rows do not fit the database
+        (nothing is loaded then; the message says where the old installation went).
     """
     say = progress or (lambda _message: None)
-    checked = _read_checked(archive)
-    manifest = checked.manifest
-    opened = _decrypt_secrets(checked, passphrase)
+    with _archive_file(archive) as source:
+        checked = _read_checked(source)
+        manifest = checked.manifest
+        opened = _decrypt_secrets(checked, passphrase)
+        revision = manifest["alembic_revision"]
+        _check_revision(revision)
+        home_empty, database_empty = target_is_empty(home, database_url)
+        if not force and not (home_empty and database_empty):
+            where = [] if home_empty else [str(home)]
+            where += [] if database_empty else [make_url(database_url).render_as_string()]
+            raise BackupError(
+                f"復元先に既にインストールがあります({', '.join(where)})。空の KOIN_HOME と"
+                "データベースに復元するか、置き換えるなら --force を付けてください。",
+                f"The target already holds an installation ({', '.join(where)}); restore into "
+                "an empty KOIN_HOME and database, or add --force to replace it.",
+            )
+        say(f"checked {len(manifest['members'])} members")
+        replaced = None
+        if not home_empty:  # only with force
+            replaced = _move_aside(home, now or utcnow())
+            say(f"moved the installation in {home} aside to {replaced}")
+            # a SQLite database inside KOIN_HOME went along: nothing left to drop
+            database_empty = target_is_empty(home, database_url)[1]
+        try:
+            counts = _restore_into(source, manifest, opened, home, database_url, database_empty)
+        except ContractsError as exc:
+            if replaced is None:
+                raise
+            raise BackupError(
+                f"{exc.message} 以前のインストールは {replaced} に移してあります。",
+                f"{exc.message_en} The previous installation was moved to {replaced}.",
+            ) from exc
+        say(f"loaded {sum(counts.values())} rows at revision {revision}")
+    return RestoreReport(
+        revision, manifest["koin_version"], manifest["created_at"], counts,
+        sum(1 for f in manifest["files"] if not f["encrypted"]),
+        sum(1 for f in manifest["files"] if f["encrypted"]),
+        replaced,
+    )
+
+
+def _restore_into(
+    source: IO[bytes],
+    manifest: dict[str, Any],
+    opened: dict[str, bytes],
+    home: Path,
+    database_url: str,
+    database_empty: bool,
+) -> dict[str, int]:
+    """Load the rows and write the files of a checked backup; the row counts.
+
+    :raises BackupError: the rows do not fit the database (nothing is loaded then); a file
+        cannot be written.
+    """
     revision = manifest["alembic_revision"]
-    _check_revision(revision)
-    home_empty, database_empty = target_is_empty(home, database_url)
-    if not force and not (home_empty and database_empty):
-        where = [] if home_empty else [str(home)]
-        where += [] if database_empty else [make_url(database_url).render_as_string()]
-        raise BackupError(
-            f"復元先に既にインストールがあります({', '.join(where)})。空の KOIN_HOME と"
-            "データベースに復元するか、上書きするなら --force を付けてください。",
-            f"The target already holds an installation ({', '.join(where)}); restore into an "
-            "empty KOIN_HOME and database, or add --force to overwrite it.",
-        )
-    say(f"checked {len(manifest['members'])} members")
     home.mkdir(parents=True, exist_ok=True)
     backed_up = {t["name"] for t in manifest["tables"]}
     try:
-        if force and not database_empty:
+        if not database_empty:  # only with force
             _drop_tables(database_url, backed_up)
         migrate.upgrade(database_url, revision)
-        counts = _load_rows(archive, manifest, database_url)
+        counts = _load_rows(source, manifest, database_url)
     except (SQLAlchemyError, ContractsError) as exc:
         # The rows are loaded in one transaction; take away the tables made for them too, so
         # that the target is as empty as it was and the restore can be run again.
@@ -899,14 +1098,80 @@ def restore_backup(
             f"Cannot load the rows into the database ({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0][:300]}).",
         ) from exc
-    say(f"loaded {sum(counts.values())} rows at revision {revision}")
-    _write_files(archive, manifest, opened, home, database_url)
+    _write_files(source, manifest, opened, home, database_url)
     migrate.upgrade(database_url)
-    return RestoreReport(
-        revision, manifest["koin_version"], manifest["created_at"], counts,
-        sum(1 for f in manifest["files"] if not f["encrypted"]),
-        sum(1 for f in manifest["files"] if f["encrypted"]),
+    return counts
+
+
+def _move_aside(home: Path, now: dt.datetime) -> Path:
+    """Move everything in ``home`` aside before a forced restore; where it went.
+
+    Preferably ``home`` itself is renamed to the sibling ``<home>.replaced-<UTC time>`` and
+    made anew, empty, with its mode (one atomic rename). Where that cannot be (``home`` is a
+    mount point, as a container's volume is, or a symbolic link, or its parent is not
+    writable), its contents are moved into ``<home>/.replaced-<UTC time>`` instead.
+
+    :raises BackupError: neither works; nothing was moved then.
+    """
+    home = home.absolute()  # "." has no parent to be renamed in
+    stamp = now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    status = home.lstat()
+    if not home.is_symlink() and not os.path.ismount(home):
+        sibling = _reserve(home.parent, f"{home.name}.replaced-{stamp}")
+        if sibling is not None:
+            try:
+                os.rename(home, sibling)  # over the empty folder just reserved
+            except OSError:
+                with suppress(OSError):
+                    sibling.rmdir()
+            else:
+                home.mkdir(mode=0o700)
+                os.chmod(home, stat.S_IMODE(status.st_mode))
+                if (status.st_uid, status.st_gid) != (os.getuid(), os.getgid()):
+                    with suppress(OSError):
+                        os.chown(home, status.st_uid, status.st_gid)
+                return sibling
+    inside = _reserve(home, f".replaced-{stamp}")
+    problem: OSError | None = None
+    if inside is not None:
+        moved: list[str] = []
+        try:
+            for entry in sorted(home.iterdir()):
+                if entry.name != inside.name:
+                    os.rename(entry, inside / entry.name)
+                    moved.append(entry.name)
+            return inside
+        except OSError as exc:
+            problem = exc
+            for name in reversed(moved):  # put back what was moved
+                with suppress(OSError):
+                    os.rename(inside / name, home / name)
+            with suppress(OSError):
+                inside.rmdir()
+    reason = f" ({problem.__class__.__name__}: {problem.strerror})" if problem else ""
+    raise BackupError(
+        f"{home} にある既存のインストールを退避できません({home.parent} にも {home} にも"
+        f"移せません){reason}。何も変更していません。書き込めるようにしてから --force で"
+        "もう一度実行してください。",
+        f"Cannot move the installation in {home} aside (neither beside it in {home.parent} "
+        f"nor into it){reason}; nothing was changed. Make one of them writable and run the "
+        "restore with --force again.",
     )
+
+
+def _reserve(folder: Path, name: str) -> Path | None:
+    """A new empty folder ``folder/name`` (``name-2``, ``-3`` … if taken), mode 0700; None if
+    none can be made."""
+    for number in range(1, 100):
+        candidate = folder / (name if number == 1 else f"{name}-{number}")
+        try:
+            candidate.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+        return candidate
+    return None
 
 
 def _drop_tables(database_url: str, backed_up: set[str]) -> None:
@@ -917,7 +1182,9 @@ def _drop_tables(database_url: str, backed_up: set[str]) -> None:
         reflected.drop_all(conn, tables=doomed)
 
 
-def _load_rows(archive: Path, manifest: dict[str, Any], database_url: str) -> dict[str, int]:
+def _load_rows(
+    source: IO[bytes], manifest: dict[str, Any], database_url: str
+) -> dict[str, int]:
     """Insert every dumped row in one transaction; set PostgreSQL's sequences.
 
     :raises BackupError: a table or column of the dump is not in the database, or a value
@@ -944,7 +1211,7 @@ def _load_rows(archive: Path, manifest: dict[str, Any], database_url: str) -> di
                     column.type = JSON(none_as_null=True)
             loaded[entry["member"]] = (table, columns)
         expected = [t["member"] for t in manifest["tables"]]
-        with _open_archive(archive) as tar:
+        with _open_archive(source) as tar:
             for info, handle in _members(tar):
                 if info.name not in tables:
                     continue
@@ -1017,12 +1284,18 @@ def _reset_sequences(conn: Connection, tables: list[Table]) -> None:
 
 
 def _write_files(
-    archive: Path,
+    source: IO[bytes],
     manifest: dict[str, Any],
     opened: dict[str, bytes],
     home: Path,
     database_url: str,
 ) -> None:
+    """Write the folders and files of the backup below ``home``: each file through a
+    temporary file that is fsynced and renamed into place; an ordinary file streamed in pieces
+    and hashed again on the way (the backup file could have changed since it was checked).
+
+    :raises BackupError: a member differs from the checked one; a file cannot be written.
+    """
     root = home.resolve()
     database = _sqlite_file(database_url)
     protected = set()
@@ -1035,7 +1308,7 @@ def _write_files(
         path.mkdir(parents=True, exist_ok=True)
         path.chmod(folder["mode"] & 0o777)
     by_member = {f["member"]: f for f in manifest["files"]}
-    with _open_archive(archive) as tar:
+    with _open_archive(source) as tar:
         for info, handle in _members(tar):
             entry = by_member.get(info.name)
             if entry is None:
@@ -1043,7 +1316,32 @@ def _write_files(
             path = root / entry["path"]
             if path.resolve() in protected or not path.resolve().is_relative_to(root):
                 continue
-            data = opened[info.name] if entry["encrypted"] else handle.read()
-            atomic_write(path, data, mode=entry["mode"] & 0o777)
+            try:
+                with atomic_writer(path, mode=entry["mode"] & 0o777) as out:
+                    if entry["encrypted"]:
+                        out.write(opened[info.name])
+                    else:
+                        _copy_checked(handle, out, info.name, manifest["members"][info.name])
+            except OSError as exc:
+                raise BackupError(
+                    f"{path} を書き込めません。", f"Cannot write {path} ({exc.strerror})."
+                ) from exc
             with suppress(OSError):
                 os.utime(path, (float(entry["mtime"]), float(entry["mtime"])))
+
+
+def _copy_checked(handle: IO[bytes], out: IO[bytes], member: str, sha256: str) -> None:
+    """Copy a member in pieces, checking its SHA-256 at the end (``out`` is then thrown away).
+
+    :raises BackupError: the member differs from the one checked before.
+    """
+    digest = hashlib.sha256()
+    while chunk := handle.read(_READ_CHUNK):
+        digest.update(chunk)
+        out.write(chunk)
+    if digest.hexdigest() != sha256:
+        raise BackupError(
+            f"バックアップファイルの {member} が確認のあとで変わりました。復元は途中までです。",
+            f"{member} in the backup file changed after it was checked; the restore is "
+            "incomplete.",
+        )

@@ -1,7 +1,7 @@
 """PKI and key stores: the demo PKI generator, the one place private keys are loaded (PKCS#12
 files or a PKCS#11 token), and the key lifecycle (into a token, rotation)."""
 
-from ._files import atomic_write, write_private_file, write_public_file
+from ._files import atomic_write, atomic_writer, write_private_file, write_public_file
 from ._install import InitResult, ensure_demo_pki, export_roots, refresh_crls
 from ._lifecycle import (
     ARCHIVE_DIR,
@@ -88,6 +88,7 @@ __all__ = [
     "TokenSession",
     "TokenSigner",
     "atomic_write",
+    "atomic_writer",
     "check_role_certificate",
     "ensure_demo_pki",
     "export_roots",

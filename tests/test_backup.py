@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,6 +173,29 @@ def source(koin_home: Path, tmp_path: Path, db_url: str, permit_pdf: bytes) -> I
     yield Source(home, url, signed.document_id, public_id, document_id, check.events)
 
 
+def _check_restored(home: Path, url: str, source: Source) -> None:
+    """The restored installation verifies the signed permit and the contract's final PDF with
+    ``koin verify`` (its own trust roots), finds their records and checks the audit chain."""
+    copy = home / "signed" / f"{source.signed_id}.pdf"
+    final = home / "contracts" / source.contract_public_id / "final.pdf"
+    for pdf in (copy, final):
+        verified = _koin(home, url, "verify", str(pdf))
+        assert verified.returncode == 0 and verified.stdout.startswith("PASSED"), (
+            verified.stdout + verified.stderr)
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+            record = get_document(session, source.signed_id)
+            assert record is not None and record.file_name == "建設業許可通知書.pdf"
+            assert get_document(session, source.contract_document_id) is not None
+            contract = session.scalars(select(Contract).where(
+                Contract.public_id == source.contract_public_id)).one()
+            check = verify_chain(session, contract)
+            assert check.ok and check.events == source.events, check
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("target", ["sqlite", "postgresql"])
 def test_backup_and_restore_into_a_fresh_installation(
     source: Source, target: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -208,25 +233,15 @@ def test_backup_and_restore_into_a_fresh_installation(
         copy = home / "signed" / f"{source.signed_id}.pdf"
         assert copy.stat().st_mtime == (source.home / "signed" / copy.name).stat().st_mtime
 
-        # koin verify in the restored installation (its own trust roots).
-        final = home / "contracts" / source.contract_public_id / "final.pdf"
-        for pdf in (copy, final):
-            verified = _koin(home, url, "verify", str(pdf))
-            assert verified.returncode == 0 and verified.stdout.startswith("PASSED"), (
-                verified.stdout + verified.stderr)
-
-        # The records are found, the audit chain checks, new rows get fresh keys.
+        # koin verify in the restored installation; the records are found, the audit chain
+        # checks, new rows get fresh keys.
+        _check_restored(home, url, source)
         engine = make_engine(url)
         try:
             sessions = make_session_factory(engine)
             with sessions() as session:
-                record = get_document(session, source.signed_id)
-                assert record is not None and record.file_name == "建設業許可通知書.pdf"
-                assert get_document(session, source.contract_document_id) is not None
                 contract = session.scalars(select(Contract).where(
                     Contract.public_id == source.contract_public_id)).one()
-                check = verify_chain(session, contract)
-                assert check.ok and check.events == source.events, check
                 assert contract.chain_head_timestamp is not None
             with session_scope(sessions) as session:
                 newcomer, _ = create_user(session, "new@pref.ibaraki.example", [UserRole.ADMIN],
@@ -489,3 +504,246 @@ def test_the_dump_reads_one_state_of_the_database(engine: Engine) -> None:
         assert snapshot.scalar(text("SELECT count(*) FROM users")) == before == 0
     with engine.connect() as connection:
         assert connection.scalar(text("SELECT count(*) FROM users")) == 1
+
+
+# -- large files: streamed, never held whole --------------------------------------------------
+
+_MIB = 1024 * 1024
+
+# Runs one backup or one restore in a fresh interpreter and prints how much its peak resident
+# memory (VmHWM) grew meanwhile: the imports are done, and the peak reset to the present
+# (``clear_refs``), before it starts. (``ru_maxrss`` would not do: Linux carries it over from
+# the parent, pytest, through fork and exec.)
+_MEASURE = """
+import json, sys
+from pathlib import Path
+import contracts.backup as backup, contracts.migrate  # noqa: F401
+
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(field)
+
+what, archive, home, url, passphrase = sys.argv[1:6]
+Path("/proc/self/clear_refs").write_text("5")  # the peak is now the present
+before = status("VmHWM")
+if what == "backup":
+    backup.create_backup(Path(home), url, Path(archive), passphrase=passphrase.encode())
+else:
+    backup.restore_backup(Path(archive), Path(home), url, passphrase=passphrase.encode())
+print(json.dumps({"before": before, "growth": status("VmHWM") - before}))
+"""
+
+
+def _measured(what: str, archive: Path, home: Path, url: str) -> int:
+    """How many bytes the peak memory of a process grew by while it ran ``what``."""
+    env = {"PATH": "/usr/bin:/bin", "KOIN_LANG": "en"}
+    done = subprocess.run([sys.executable, "-c", _MEASURE, what, str(archive), str(home), url,
+                           PASSPHRASE], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    growth: int = json.loads(done.stdout)["growth"]
+    return growth
+
+
+def _large_pdf(path: Path, mib: int) -> str:
+    """A file of ``mib`` MiB starting like a PDF (each MiB some random bytes, then zeros, so
+    that compressing it is quick); its SHA-256."""
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for number in range(mib):
+            piece = (b"%PDF-1.7\n" if number == 0 else b"") + os.urandom(4096)
+            piece += bytes(_MIB - len(piece))
+            out.write(piece)
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def test_a_large_stored_file_is_streamed_through_backup_and_restore(
+    sqlite_source: tuple[Path, str], tmp_path: Path
+) -> None:
+    home, url = sqlite_source
+    size = 200 * _MIB
+    (home / "signed").mkdir(exist_ok=True)
+    sha256 = _large_pdf(home / "signed" / "large.pdf", 200)
+    archive = tmp_path / "large.tar.gz"
+    grew = _measured("backup", archive, home, url)
+    assert grew < 120 * _MIB, f"backup: peak memory grew by {grew // _MIB} MiB"
+    with tarfile.open(archive) as tar:
+        assert tar.getmember("files/signed/large.pdf").size == size
+    (home / "signed" / "large.pdf").unlink()  # the disk of the machine is shared
+
+    target = tmp_path / "target"
+    grew = _measured("restore", archive, target, f"sqlite:///{target}/koin.db")
+    assert grew < 120 * _MIB, f"restore: peak memory grew by {grew // _MIB} MiB"
+    restored = target / "signed" / "large.pdf"
+    assert restored.stat().st_size == size
+    digest = hashlib.sha256()
+    with restored.open("rb") as handle:
+        while piece := handle.read(_MIB):
+            digest.update(piece)
+    assert digest.hexdigest() == sha256
+    assert not list(target.rglob("*.tmp")), "no temporary file is left behind"
+
+
+def test_a_file_that_changes_while_it_is_backed_up_fails_the_backup(
+    sqlite_source: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A file written in place while it is read would go into the archive as a state it never
+    had (with a SHA-256 that matches that state): the backup fails instead, and says so."""
+    from contracts.backup import BackupError, create_backup
+
+    home, url = sqlite_source
+    growing = home / "batches" / "growing.csv"
+    growing.parent.mkdir(exist_ok=True)
+    with growing.open("wb") as out:
+        for _ in range(48):
+            out.write(os.urandom(1024) + bytes(_MIB - 1024))
+    stop = threading.Event()
+
+    def append() -> None:
+        while not stop.is_set():
+            with growing.open("ab") as out:
+                out.write(b"1,2,3\n")
+            time.sleep(0.001)
+
+    archive = tmp_path / "changing.tar.gz"
+    writer = threading.Thread(target=append)
+    writer.start()
+    try:
+        with pytest.raises(BackupError) as refused:
+            create_backup(home, url, archive, passphrase=PASSPHRASE.encode())
+    finally:
+        stop.set()
+        writer.join()
+    assert "batches/growing.csv changed while it was being backed up" in refused.value.message_en
+    assert "バックアップの途中で変更されました" in refused.value.message
+    assert not archive.exists() and not list(tmp_path.glob(".changing.tar.gz.*"))
+
+    # Once it stands still, the backup goes through and carries the file as it is.
+    made = _koin(home, url, "backup", str(archive))
+    assert made.returncode == 0, made.stderr
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("files/batches/growing.csv")
+        assert member is not None
+        assert hashlib.sha256(member.read()).digest() == hashlib.sha256(
+            growing.read_bytes()).digest()
+
+
+# -- restore --force: the installation that was there is moved aside whole ----------------------
+
+
+def _files(folder: Path) -> set[str]:
+    """The files below ``folder`` but SQLite's (``koin.db`` and its companions)."""
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*")
+            if path.is_file() and not path.name.startswith("koin.db")}
+
+
+def _emails(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return set(connection.scalars(text("SELECT email FROM users")))
+    finally:
+        engine.dispose()
+
+
+def test_a_forced_restore_moves_the_installation_that_was_there_aside(
+    source: Source, tmp_path: Path
+) -> None:
+    """``restore --force`` onto an installation that went on after its backup: afterwards the
+    home holds exactly the backup's files; what was there (stale contracts, batches, the key
+    files of another installation, and a SQLite database inside KOIN_HOME) is in the folder
+    the command names; PostgreSQL's tables are replaced."""
+    archive = tmp_path / "before.tar.gz"
+    made = _koin(source.home, source.url, "backup", str(archive))
+    assert made.returncode == 0, made.stderr
+    backed_up = {entry["path"] for entry in _manifest(archive)["files"]}
+    before = _emails(source.url)
+    stale = {
+        "contracts/C-STALE/final.pdf": b"%PDF-1.7 a contract the backup does not know",
+        "keys/position-other-installation.p12": (source.home / "keys" / "position.p12")
+        .read_bytes(),
+        "batches/B-STALE/input.csv": b"name,file\n",
+    }
+    for name, data in stale.items():
+        (source.home / name).parent.mkdir(parents=True, exist_ok=True)
+        (source.home / name).write_bytes(data)
+    engine = make_engine(source.url)
+    with session_scope(make_session_factory(engine)) as session:
+        create_user(session, "later@pref.ibaraki.example", [UserRole.ADMIN],
+                    password="correct horse battery staple")
+    engine.dispose()
+
+    forced = _koin(source.home, source.url, "restore", str(archive), "--force")
+    assert forced.returncode == 0, forced.stderr
+    [aside] = source.home.parent.glob(f"{source.home.name}.replaced-*")
+    assert f"was moved to {aside}" in forced.stdout
+    assert _files(source.home) == backed_up
+    for name, data in stale.items():
+        assert not (source.home / name).exists(), name
+        assert (aside / name).read_bytes() == data, name
+    assert _files(aside) >= backed_up  # the old installation is whole
+    assert _emails(source.url) == before
+    if source.url.startswith("sqlite"):  # the old database went aside with the rest
+        assert "later@pref.ibaraki.example" in _emails(f"sqlite:///{aside}/koin.db")
+    _check_restored(source.home, source.url, source)
+
+
+@contextmanager
+def _unwritable(*folders: Path) -> Iterator[None]:
+    """Folders nobody may add to or rename in (for root too: ``chattr +i``)."""
+    if os.geteuid() != 0:
+        for folder in folders:
+            folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            for folder in folders:
+                folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "+i", *map(str, folders)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder unwritable for root here (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, folders)], check=True)
+
+
+def test_a_forced_restore_moves_aside_inside_the_home_or_refuses(
+    sqlite_source: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Where KOIN_HOME cannot be renamed (a container's volume, a parent not writable), what
+    it holds goes into ``KOIN_HOME/.replaced-…``; where nothing can be moved, the restore is
+    refused before anything changes."""
+    home, url = sqlite_source
+    archive = tmp_path / "b.tar.gz"
+    assert _koin(home, url, "backup", str(archive)).returncode == 0
+    parent = tmp_path / "volumes"
+    target = parent / "koin"
+    shutil.copytree(home, target)  # an installation, its SQLite database inside
+    target_url = f"sqlite:///{target}/koin.db"
+    (target / "keys" / "other-installation.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----")
+
+    elsewhere = tmp_path / "db" / "koin.db"  # a database outside the home: nothing to move
+    elsewhere.parent.mkdir()
+    listing = sorted(target.rglob("*"))
+    with _unwritable(parent, target):
+        refused = _koin(target, f"sqlite:///{elsewhere}", "restore", str(archive), "--force",
+                        lang="ja")
+    assert refused.returncode == 1
+    assert "退避できません" in refused.stderr and "何も変更していません" in refused.stderr
+    assert sorted(target.rglob("*")) == listing and not elsewhere.exists()
+
+    with _unwritable(parent):
+        forced = _koin(target, target_url, "restore", str(archive), "--force", lang="ja")
+    assert forced.returncode == 0, forced.stderr
+    [inside] = target.glob(".replaced-*")
+    assert f"{inside} に移しました" in forced.stdout
+    assert sorted(os.listdir(parent)) == ["koin"]
+    assert {name for name in _files(target) if not name.startswith(".replaced-")} == _files(home)
+    assert (inside / "keys" / "other-installation.pem").exists()
+    assert not (target / "keys" / "other-installation.pem").exists()
+    assert (inside / "koin.db").exists()
+    assert _all_rows(target_url) == _all_rows(url)

@@ -75,7 +75,9 @@ def _restore(
 ) -> None:
     """Restore the backup IN into KOIN_HOME and the database of KOIN_DATABASE_URL (SQLite or
     PostgreSQL, whichever the backup came from). Every member is checked against the
-    manifest's SHA-256 before anything is written."""
+    manifest's SHA-256 before anything is written. With --force, an installation already in
+    KOIN_HOME is first moved aside whole (to KOIN_HOME.replaced-<time>, or into
+    KOIN_HOME/.replaced-<time>), a SQLite database inside it included."""
     from contracts.backup import restore_backup
 
     report = restore_backup(
@@ -91,6 +93,13 @@ def _restore(
         f"{report.created_at}, revision {report.revision}, {rows} rows, {report.files} files, "
         f"{report.secrets} secrets)",
     ))
+    if report.replaced is not None:
+        click.echo(settings.in_language(
+            f"それまで {settings.home} にあったインストールは {report.replaced} に移しました。"
+            "復元を確かめたら、そのフォルダを別の場所に保管するか削除してください。",
+            f"The installation that was in {settings.home} was moved to {report.replaced}; "
+            "once the restore is checked, keep that folder elsewhere or delete it.",
+        ))
 
 
 # Typed assignments rather than decorators: web.cli imports this module at its end, and mypy
@@ -106,7 +115,9 @@ restore_command: click.Command = click.command("restore")(
             click.option(
                 "--force", is_flag=True,
                 help="Restore even if KOIN_HOME or the database already holds an installation: "
-                "koin's tables are dropped and files of the backup overwrite those present.",
+                "everything in KOIN_HOME (a SQLite database in it too) is first moved aside to "
+                "KOIN_HOME.replaced-<time> (or KOIN_HOME/.replaced-<time>); koin's tables in "
+                "another database are dropped.",
             )(click.pass_obj(_refusals_exit_1(_restore)))
         )
     )
