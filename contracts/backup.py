@@ -115,6 +115,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _INSERT_CHUNK = 500
+#: gzip level of backups. Measured on signed PDFs and table rows: level 9 (tarfile's default)
+#: gave the same size as 6 (0.778 / 0.337 vs 0.778 / 0.339) at up to 2.7 times the CPU.
+_GZIP_LEVEL = 6
 _READ_CHUNK = 1024 * 1024
 # scrypt: 2**15 × 8 × 128 bytes = 32 MiB, some tens of milliseconds (as werkzeug's hashes).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
@@ -611,7 +614,8 @@ def create_backup(
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+            with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT,
+                              compresslevel=_GZIP_LEVEL) as tar:
                 manifest = _write_members(
                     _Writer(tar, created.timestamp()), home, database_url, skip, passphrase,
                     created,
