@@ -23,7 +23,6 @@ import io
 import logging
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from contracts.models import SigningChannel
-from keys import KoinError, Role
+from keys import KoinError, Role, atomic_write
 from signer import Installation, SignatureLevel, SigningContext, SignOptions
 
 from .config import Settings
@@ -156,19 +155,7 @@ def _csv_text(records: Iterable[Sequence[str]]) -> str:
 def _rewrite_manifest(path: Path, rows: Iterable[Row]) -> None:
     """Replace the manifest with ``rows`` atomically (temporary file, fsync, rename)."""
     text = _csv_text([MANIFEST_COLUMNS, *(row.fields() for row in rows)])
-    data = ("\ufeff" + text).encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, ("\ufeff" + text).encode("utf-8"), mode=0o644)
 
 
 class _ManifestAppender:
