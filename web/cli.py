@@ -1149,8 +1149,8 @@ def jobs_run_due(settings: Settings) -> None:
         f"Reminders {report.reminders_sent}, expired {len(report.expired)}, "
         f"completed {len(report.completed)}, failed {len(report.failed)}",
     ))
-    for public_id, message in report.failed:
-        _say_error(f"{public_id}: {' '.join(message.split())}")
+    for public_id, message, message_en in report.failed:
+        _say_error(f"{public_id}: {' '.join(settings.in_language(message, message_en).split())}")
     if report.failed:
         sys.exit(EXIT_REFUSED)
 
