@@ -48,6 +48,7 @@ __all__ = [
     "ADMIN_EMAIL",
     "BATCH_NAME",
     "CONTRACTS",
+    "DemoItem",
     "DemoReport",
     "OFFICER_EMAIL",
     "SIGNERS",
@@ -171,13 +172,21 @@ _LINK = re.compile(r"/c/([A-Za-z0-9_-]{43})\b")
 _UA = "koin demo"
 
 
+@dataclass(frozen=True)
+class DemoItem:
+    """One thing :func:`seed_demo` made or found, described in Japanese and in English."""
+
+    message: str
+    message_en: str
+
+
 @dataclass
 class DemoReport:
     """What :func:`seed_demo` made. ``passwords`` (email → password) and ``access_codes``
     (contract title, party, code) are shown once and never stored in clear."""
 
-    created: list[str] = field(default_factory=list)
-    existing: list[str] = field(default_factory=list)
+    created: list[DemoItem] = field(default_factory=list)
+    existing: list[DemoItem] = field(default_factory=list)
     passwords: dict[str, str] = field(default_factory=dict)
     access_codes: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -213,11 +222,13 @@ def _user(
     except UserExists:
         existing = get_user_by_email(session, email)
         assert existing is not None
-        report.existing.append(f"職員 {existing.display_name} <{email}>")
+        report.existing.append(DemoItem(f"職員 {existing.display_name} <{email}>",
+                                        f"staff member {existing.display_name} <{email}>"))
         return existing
     if password is not None:
         report.passwords[email] = password
-    report.created.append(f"職員 {name} <{email}> ({', '.join(sorted(roles))})")
+    summary = f"{name} <{email}> ({', '.join(sorted(roles))})"
+    report.created.append(DemoItem(f"職員 {summary}", f"staff member {summary}"))
     return user
 
 
@@ -227,7 +238,9 @@ def _seed_staff(sessions: sessionmaker[Session], report: DemoReport) -> dict[str
         created = create_first_admin(session, ADMIN_EMAIL)
         if created is not None:
             report.passwords[ADMIN_EMAIL] = created[1]
-            report.created.append(f"管理者 <{ADMIN_EMAIL}>")
+            report.created.append(
+                DemoItem(f"管理者 <{ADMIN_EMAIL}>", f"administrator <{ADMIN_EMAIL}>")
+            )
         for email, name, roles in (*SIGNERS, OFFICER):
             ids[email] = _user(session, report, email, name, roles).id
     return ids
@@ -246,9 +259,12 @@ def _seed_templates(sessions: sessionmaker[Session], report: DemoReport) -> None
                     box=box, qr=spec.qr, level=spec.level,
                 )
         except TemplateExists:
-            report.existing.append(f"印影テンプレート {spec.name}")
+            report.existing.append(
+                DemoItem(f"印影テンプレート {spec.name}", f"stamp template {spec.name}")
+            )
             continue
-        report.created.append(f"印影テンプレート {spec.name}({spec.title})")
+        report.created.append(DemoItem(f"印影テンプレート {spec.name}({spec.title})",
+                                       f"stamp template {spec.name} ({spec.title})"))
 
 
 def _document(installation: Installation, template: str, number: int = 121) -> bytes:
@@ -273,7 +289,9 @@ def _seed_permits(
                 )
             )
         if done is not None:
-            report.existing.append(f"署名済みの許可書 {file_name}")
+            report.existing.append(
+                DemoItem(f"署名済みの許可書 {file_name}", f"signed permit {file_name}")
+            )
             continue
         if context is None:
             context = installation.signing_context(Role.POSITION, tsa_urls=tsa_urls)
@@ -281,9 +299,11 @@ def _seed_permits(
             sessions, _document(installation, template), context, home=installation.home,
             user_id=staff[email], file_name=file_name, template=template, public_url=public_url,
         )
-        report.created.append(
-            f"署名済みの許可書 {file_name}(文書番号 {result.document_id}、{result.level.value})"
-        )
+        report.created.append(DemoItem(
+            f"署名済みの許可書 {file_name}(文書番号 {result.document_id}、{result.level.value})",
+            f"signed permit {file_name} (document ID {result.document_id}, "
+            f"{result.level.value})",
+        ))
 
 
 def _seed_batch(
@@ -309,12 +329,15 @@ def _seed_batch(
             sessions, uploads, home=installation.home, user_id=staff["sato.hanako@koin.local"],
             template="kensetsu-kyoka", name=BATCH_NAME,
         )
-        report.created.append(f"一括署名 {BATCH_NAME}({intake.added} 件、ID {intake.public_id})")
+        report.created.append(DemoItem(
+            f"一括署名 {BATCH_NAME}({intake.added} 件、ID {intake.public_id})",
+            f"batch {BATCH_NAME} ({intake.added} files, ID {intake.public_id})",
+        ))
         with sessions() as session:
             batch = session.scalar(select(Batch).where(Batch.name == BATCH_NAME))
         assert batch is not None
     else:
-        report.existing.append(f"一括署名 {BATCH_NAME}")
+        report.existing.append(DemoItem(f"一括署名 {BATCH_NAME}", f"batch {BATCH_NAME}"))
     if batch.batch_status is not BatchStatus.RUNNING:
         return
     # Sign it here and now (one thread: the demo should not take the machine).
@@ -375,7 +398,7 @@ def _seed_contracts(
                 )
             )
         if found is not None:
-            report.existing.append(f"契約 {spec.title}")
+            report.existing.append(DemoItem(f"契約 {spec.title}", f"contract {spec.title}"))
             continue
         codes = (new_access_code(), new_access_code())
         prefecture = PartySpec(
@@ -407,7 +430,10 @@ def _seed_contracts(
                     decline_reason=spec.decline_reason)
         with sessions() as session:
             status = ContractStatus(session.get_one(Contract, contract_id).status)
-        report.created.append(f"契約 {spec.title}({status.label_ja}、ID {public_id})")
+        report.created.append(DemoItem(
+            f"契約 {spec.title}({status.label_ja}、ID {public_id})",
+            f"contract {spec.title} ({status.label_en}, ID {public_id})",
+        ))
         if status in (ContractStatus.DRAFT, ContractStatus.SENT,
                       ContractStatus.PARTIALLY_AGREED):
             if status is not ContractStatus.PARTIALLY_AGREED:

@@ -63,6 +63,6 @@ class JobWorker(PeriodicWorker[JobReport]):
                 "periodic contract jobs: %d reminders, %d expired, %d completed",
                 report.reminders_sent, len(report.expired), len(report.completed),
             )
-        for public_id, message in report.failed:
-            log.warning("periodic contract jobs: contract %s failed: %s", public_id, message)
+        for public_id, _, message_en in report.failed:
+            log.warning("periodic contract jobs: contract %s failed: %s", public_id, message_en)
         return report

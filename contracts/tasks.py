@@ -228,8 +228,8 @@ def run_due_task() -> int:
         process.sessions, process.installation, public_url=process.config.public_url,
         tsa_urls=process.config.tsa_urls,
     )
-    for public_id, message in report.failed:
-        log.warning("contract %s: %s", public_id, " ".join(message.split()))
+    for public_id, _, message_en in report.failed:
+        log.warning("contract %s: %s", public_id, " ".join(message_en.split()))
     return len(report.failed)
 
 

@@ -339,13 +339,14 @@ class Download:
 
 @dataclass
 class JobReport:
-    """What :func:`run_due` did; ``failed`` holds ``(public id, message)`` per contract."""
+    """What :func:`run_due` did; ``failed`` holds ``(public id, message, message_en)`` per
+    contract."""
 
     reminded: list[str] = field(default_factory=list)
     reminders_sent: int = 0
     expired: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -2080,9 +2081,11 @@ def run_due(
         try:
             return step()
         except Exception as exc:
-            if not isinstance(exc, KoinError):
+            if isinstance(exc, KoinError):
+                report.failed.append((public_id, exc.message, exc.message_en))
+            else:
                 log.exception("run-due: contract %s failed", public_id)
-            report.failed.append((public_id, str(exc)))
+                report.failed.append((public_id, str(exc), str(exc)))
             return None
 
     with sessions() as session:

@@ -51,6 +51,7 @@ from contracts import (
 from contracts import accounts as accounts_module
 from contracts.migrate import alembic_config, upgrade
 from keys import KoinError
+from tests.cli_language import assert_english, assert_japanese
 from web import create_app
 from web.auth import login_required, resolve_secret_key, safe_next
 from web.cli import cli
@@ -716,7 +717,10 @@ def cli_db(cli_home: Path) -> Iterator[sessionmaker[Session]]:
 
 
 def _printed_password(output: str) -> str:
-    [password] = re.findall(r"初期パスワード.*: (\S+)$", output, re.MULTILINE)
+    [password] = re.findall(
+        r"^(?:初期パスワード\(この一度だけ表示します。|Initial password \(shown this once only;)"
+        r".*: (\S+)$", output, re.MULTILINE,
+    )
     return password
 
 
@@ -733,15 +737,17 @@ def test_init_creates_the_first_admin_once(
     password = _printed_password(result.stdout)
     assert result.stdout.count(password) == 1 and password not in result.stderr
     assert password not in _everything_logged(caplog)
-    assert "kanri@pref.ibaraki.example" in result.stdout
+    assert "Created the administrator account: kanri@pref.ibaraki.example" in result.stdout
+    assert_english(result.output)
     assert stat.S_IMODE((cli_home / "secret_key").stat().st_mode) == 0o600
     admin = _login(cli_db, "kanri@pref.ibaraki.example", password)
     assert admin.roles == {UserRole.ADMIN}
 
     again = CliRunner().invoke(cli, ["init"])
     assert again.exit_code == 0, again.output
-    assert "管理者のアカウントは既にあります" in again.stdout
-    assert "初期パスワード" not in again.stdout
+    assert "An administrator account already exists." in again.stdout
+    assert "Initial password" not in again.stdout
+    assert_english(again.output)
     with cli_db() as session:
         assert session.scalar(select(text("count(*)")).select_from(User)) == 1
 
@@ -771,7 +777,8 @@ def test_users_create_prints_the_password_once(
     password = _printed_password(result.stdout)
     assert result.stdout.count(password) == 1 and password not in result.stderr
     assert password not in _everything_logged(caplog)
-    assert "sato@pref.ibaraki.example (officer, signer)" in result.stdout
+    assert "Created the account: sato@pref.ibaraki.example (officer, signer)" in result.stdout
+    assert_english(result.output)
     user = _login(cli_db, "sato@pref.ibaraki.example", password)
     assert user.roles == {UserRole.OFFICER, UserRole.SIGNER} and user.display_name == "佐藤 一郎"
 
@@ -780,8 +787,10 @@ def test_users_create_prints_the_password_once(
         cli, ["users", "create", "sato@pref.ibaraki.example", "--role", "signer", "--role",
               "officer"],
     )
-    assert again.exit_code == 0 and "既にあります" in again.stdout
-    assert "初期パスワード" not in again.stdout
+    assert again.exit_code == 0
+    assert "The account already exists (unchanged): sato@pref.ibaraki.example" in again.stdout
+    assert "Initial password" not in again.stdout
+    assert_english(again.output)
     # other roles for an existing account are refused with one line
     other = CliRunner().invoke(cli, ["users", "create", "sato@pref.ibaraki.example", "--role",
                                      "admin"])
@@ -800,7 +809,8 @@ def test_users_create_with_a_password_file(
               str(password_file)],
     )
     assert result.exit_code == 0, result.output
-    assert "初期パスワード" not in result.stdout and "given long password" not in result.output
+    assert "Initial password" not in result.stdout and "given long password" not in result.output
+    assert_english(result.output)
     assert _login(cli_db, "ito@example.jp", "given long password").email == "ito@example.jp"
 
     password_file.write_text("short\n")
@@ -839,6 +849,8 @@ def test_users_reset_password_prints_a_new_one_once(
     assert result.exit_code == 0, result.output
     new = _printed_password(result.stdout)
     assert new != old and result.stdout.count(new) == 1 and new not in result.stderr
+    assert "Issued a new password: sato@pref.ibaraki.example" in result.stdout
+    assert_english(result.output)
     assert new not in _everything_logged(caplog)
     assert _login(cli_db, "sato@pref.ibaraki.example", new).email == "sato@pref.ibaraki.example"
     with pytest.raises(LoginFailed):
@@ -846,3 +858,26 @@ def test_users_reset_password_prints_a_new_one_once(
     unknown = CliRunner().invoke(cli, ["users", "reset-password", "nobody@example.jp"])
     assert unknown.exit_code == 1 and unknown.stderr.count("\n") == 1
     assert "nobody@example.jp" in unknown.stderr
+
+
+def test_init_and_users_speak_japanese_by_default(
+    cli_home: Path, cli_db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KOIN_LANG")
+    init = CliRunner().invoke(cli, ["init"])
+    assert init.exit_code == 0, init.output
+    assert "管理者のアカウントを作成しました: admin@koin.local" in init.stdout
+    _printed_password(init.stdout)
+    assert_japanese(init.output)
+    created = CliRunner().invoke(cli, ["users", "create", "sato@pref.ibaraki.example",
+                                       "--role", "signer"])
+    assert created.exit_code == 0, created.output
+    assert "アカウントを作成しました: sato@pref.ibaraki.example (signer)" in created.stdout
+    old = _printed_password(created.stdout)
+    again = CliRunner().invoke(cli, ["users", "create", "sato@pref.ibaraki.example",
+                                     "--role", "signer"])
+    assert "アカウントは既にあります(変更なし): sato@pref.ibaraki.example" in again.stdout
+    reset = CliRunner().invoke(cli, ["users", "reset-password", "sato@pref.ibaraki.example"])
+    assert reset.exit_code == 0, reset.output
+    assert "パスワードを再発行しました: sato@pref.ibaraki.example" in reset.stdout
+    assert _printed_password(reset.stdout) != old

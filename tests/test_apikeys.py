@@ -39,6 +39,7 @@ from contracts import (
     revoke_api_key,
     session_scope,
 )
+from tests.cli_language import assert_english, assert_japanese
 from tests.hostile import password_protected_pdf
 from tests.validators import pyhanko_status
 from web import create_app
@@ -457,8 +458,13 @@ def test_cli_create_list_revoke(
               "--name", "文書管理"]
     )
     assert created.exit_code == 0, created.output
-    [raw] = re.findall(r"^API キー\(.*\): (koin_\S+)$", created.output, re.MULTILINE)
+    [raw] = re.findall(
+        r"^API key \(shown this once only; keep it somewhere safe\): (koin_\S+)$",
+        created.output, re.MULTILINE,
+    )
     prefix = raw.split("_")[1]
+    assert f"Created the API key: {prefix} (sign,verify) for {SIGNER}" in created.output
+    assert_english(created.output)
 
     client = _app(cli_home).test_client()
     response = client.post(
@@ -471,10 +477,13 @@ def test_cli_create_list_revoke(
     assert listed.exit_code == 0, listed.output
     assert prefix in listed.output and "sign,verify" in listed.output
     assert "active" in listed.output and "文書管理" in listed.output
+    assert_english(listed.output, "文書管理")
     assert raw not in listed.output and raw.split("_", 2)[2] not in listed.output
 
     revoked = CliRunner().invoke(cli, ["apikeys", "revoke", prefix])
     assert revoked.exit_code == 0, revoked.output
+    assert revoked.output.startswith(f"Revoked the API key: {prefix} (")
+    assert_english(revoked.output)
     assert "revoked" in CliRunner().invoke(cli, ["apikeys", "list", "--user", SIGNER]).output
     response = client.post(
         "/api/v1/sign", data=one_page_permit, content_type="application/pdf",
@@ -507,7 +516,29 @@ def test_cli_refusals_exit_1_with_one_line(
 def test_cli_list_without_keys(cli_home: Path, home_sessions: sessionmaker[Session]) -> None:
     _user(home_sessions, OFFICER, "officer")
     result = CliRunner().invoke(cli, ["apikeys", "list", "--user", OFFICER])
-    assert result.exit_code == 0 and "API キーがありません" in result.output
+    assert result.exit_code == 0 and f"{OFFICER} has no API keys." in result.output
+    assert_english(result.output)
+
+
+def test_cli_speaks_japanese_by_default(
+    cli_home: Path, home_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KOIN_LANG")
+    _user(home_sessions, OFFICER, "officer")
+    empty = CliRunner().invoke(cli, ["apikeys", "list", "--user", OFFICER])
+    assert empty.exit_code == 0 and "API キーがありません" in empty.output
+    created = CliRunner().invoke(
+        cli, ["apikeys", "create", "--user", OFFICER, "--scope", "contracts"]
+    )
+    assert created.exit_code == 0, created.output
+    assert "API キーを作成しました: " in created.output
+    [raw] = re.findall(
+        r"^API キー\(この一度だけ表示します。安全な場所に控えてください\): (koin_\S+)$",
+        created.output, re.MULTILINE,
+    )
+    revoked = CliRunner().invoke(cli, ["apikeys", "revoke", raw.split("_")[1]])
+    assert revoked.exit_code == 0 and "API キーを無効にしました: " in revoked.output
+    assert_japanese(revoked.output)
 
 
 def test_rate_limit_from_environment(

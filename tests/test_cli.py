@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.cli_language import assert_english, assert_japanese
 from tests.conftest import PASSPHRASE
 from web.cli import cli
 
@@ -41,9 +42,13 @@ def test_init_on_a_fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     home = tmp_path / "fresh"
     monkeypatch.setenv("KOIN_HOME", str(home))
     monkeypatch.delenv("KOIN_KEY_PASSPHRASE", raising=False)
+    monkeypatch.delenv("KOIN_LANG", raising=False)
     result = CliRunner().invoke(cli, ["init"])
     assert result.exit_code == 0, result.output
     assert "passphrase" in result.output
+    assert_japanese(result.output)
+    assert "デモ PKI と鍵ストアを作成しました" in result.output
+    assert "初期パスワード(この一度だけ表示します。安全な場所に控えてください): " in result.output
     secret = (home / "keys" / "passphrase").read_text().strip()
     assert secret and secret not in result.output, "the passphrase is never printed"
     for path in ("keys/keystore.json", "assets/seal.png", "assets/NotoSansCJKjp-Regular.otf",
@@ -51,6 +56,24 @@ def test_init_on_a_fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert (home / path).is_file(), path
     again = CliRunner().invoke(cli, ["init"])
     assert again.exit_code == 0 and "既にあります" in again.output
+
+
+def test_init_in_english(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "fresh"
+    monkeypatch.setenv("KOIN_HOME", str(home))
+    monkeypatch.delenv("KOIN_KEY_PASSPHRASE", raising=False)
+    monkeypatch.setenv("KOIN_LANG", "en")
+    result = CliRunner().invoke(cli, ["init"])
+    assert result.exit_code == 0, result.output
+    assert_english(result.output)
+    assert f"Created the demo PKI and key store: {home.resolve() / 'keys'}" in result.output
+    assert f"Saved the key passphrase in {home.resolve() / 'keys' / 'passphrase'}" in result.output
+    assert "Initial password (shown this once only; keep it somewhere safe): " in result.output
+    again = CliRunner().invoke(cli, ["init"])
+    assert again.exit_code == 0, again.output
+    assert_english(again.output)
+    assert "The key store already exists" in again.output
+    assert "An administrator account already exists." in again.output
 
 
 def test_sign_prints_json_summary(
@@ -162,6 +185,8 @@ def test_keys_import_cli(runner: CliRunner, tmp_path: Path, home: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "koin Witness Signing Service" in result.output
+    assert result.output.startswith("Imported the witness key: ")
+    assert_english(result.output)
 
 
 def test_installed_console_script(home: Path, permit_file: Path, tmp_path: Path) -> None:
@@ -188,7 +213,10 @@ def test_verify_exit_codes(
     runner: CliRunner, home: Path, permit_file: Path, tmp_path: Path
 ) -> None:
     signed = tmp_path / "signed.pdf"
-    assert runner.invoke(cli, ["sign", str(permit_file), str(signed)]).exit_code == 0
+    result = runner.invoke(cli, ["sign", str(permit_file), str(signed)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"Signed: {signed} (document ID ")
+    assert_english(result.output)
     ok = runner.invoke(cli, ["verify", str(signed)])
     assert ok.exit_code == 0, ok.output
     assert ok.stdout.startswith("PASSED: Signed, and all signatures are valid.")
@@ -235,6 +263,10 @@ def test_sign_records_the_document(
         engine.dispose()
 
 
-def test_db_upgrade(runner: CliRunner) -> None:
+def test_db_upgrade(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = runner.invoke(cli, ["db", "upgrade"])
+    assert result.exit_code == 0 and "The database is up to date: " in result.stdout
+    assert_english(result.output)
+    monkeypatch.delenv("KOIN_LANG")
     result = runner.invoke(cli, ["db", "upgrade"])
     assert result.exit_code == 0 and "データベースは最新です" in result.stdout

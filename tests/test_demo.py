@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 import contracts
 from contracts import demo as demo_data
 from signer import Installation, verify_pdf
+from tests.cli_language import assert_english, assert_japanese
 from web import create_app, services
 from web.cli import cli
 
@@ -76,6 +77,8 @@ def test_demo_runs_twice_without_duplicates_and_the_pages_show_it(
         *(email for email, _, _ in demo_data.SIGNERS),
     }
     assert "アクセスコード: 令和8年度 道路維持補修業務委託契約 / 小林 誠: " in first
+    assert "初期パスワード(この一度だけ表示します。安全な場所に控えてください):" in first
+    assert_japanese(second)
     # the second run makes nothing and shows no password or code
     assert "デモデータは既にそろっています。" in second
     assert "作成:" not in second and not _PASSWORD.search(second) and "アクセスコード" not in second
@@ -129,3 +132,35 @@ def test_demo_runs_twice_without_duplicates_and_the_pages_show_it(
     templates = admin.get("/admin/templates").get_data(as_text=True)
     for template in demo_data.TEMPLATES:
         assert template.title in templates
+
+
+def _demo_data() -> list[str]:
+    """The Japanese of the demo data itself: names, titles, file names."""
+    return [
+        *(name for _, name, _ in (*demo_data.SIGNERS, demo_data.OFFICER)),
+        *(template.title for template in demo_data.TEMPLATES),
+        *(file_name for file_name, _, _ in demo_data.PERMITS),
+        demo_data.BATCH_NAME, demo_data._PREFECTURE[0],
+        *(text for spec in demo_data.CONTRACTS for text in (spec.title, spec.contractor)),
+    ]
+
+
+def test_demo_in_english(home: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOIN_HOME", str(home))
+    monkeypatch.setenv("KOIN_DATABASE_URL", db_url)
+    monkeypatch.setenv("KOIN_PUBLIC_URL", PUBLIC_URL)
+    monkeypatch.setenv("KOIN_LANG", "en")
+    first = CliRunner().invoke(cli, ["demo"])
+    assert first.exit_code == 0, first.output
+    assert_english(first.output, *_demo_data())
+    assert "Initial passwords (shown this once only; keep them somewhere safe):" in first.output
+    assert len(_PASSWORD.findall(first.output)) == 4
+    assert "Created: staff member 田中 太郎 <tanaka.taro@koin.local> (signer)" in first.output
+    assert "Created: contract 令和8年度 道路維持補修業務委託契約 (sent, ID " in first.output
+    assert "Access code: 令和8年度 道路維持補修業務委託契約 / 小林 誠: " in first.output
+    assert f"Log in: {PUBLIC_URL}/login" in first.output
+    second = CliRunner().invoke(cli, ["demo"])
+    assert second.exit_code == 0, second.output
+    assert_english(second.output)
+    assert "The demo data is all there already." in second.output
+    assert "Already there (unchanged): " in second.output

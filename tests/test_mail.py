@@ -709,6 +709,7 @@ def test_koin_mail_deliver(
 
     monkeypatch.setenv("KOIN_HOME", str(tmp_path))
     monkeypatch.setenv("KOIN_DATABASE_URL", db_url)
+    monkeypatch.delenv("KOIN_LANG", raising=False)
     upgrade(db_url)
     engine = make_engine(db_url)
     try:
@@ -734,6 +735,8 @@ def test_koin_mail_deliver(
         )
         assert result.exit_code == 0
         assert "0 件" in result.output, "the failed one waits for its back-off"
+        english = CliRunner().invoke(cli, ["mail", "deliver"], env={"KOIN_LANG": "en"})
+        assert english.exit_code == 0 and english.output == "Sent 0 message(s)\n"
         third = queue(sessions)
         result = CliRunner().invoke(cli, ["mail", "deliver"])
         assert result.exit_code == 0 and "1 件" in result.output

@@ -34,6 +34,7 @@ import keys
 from keys import Role
 from signer import Installation, SignatureLevel, SignOptions, sign_pdf
 from signer.samples import make_permit_pdf
+from tests.cli_language import assert_english
 from tests.conftest import PASSPHRASE, PUBLIC_URL
 from tests.validators import (
     extract_signatures,
@@ -217,6 +218,13 @@ def test_init_token_moves_every_role_into_the_token(token_home: Path, hsm: Hsm) 
         assert not (token_home / "keys" / f"{role.value}.p12").exists()
         assert len(list((token_home / "keys" / "archive").glob(f"{role.value}-*.pem"))) == 1
     assert "Governor of Ibaraki Prefecture" in output
+    assert output.count("generated in the token") == 3
+    assert f"Switched the key store to the PKCS#11 token {RSA_TOKEN!r}" in output
+    subjects = [  # certificate data: the governor's title is 知事 / Governor
+        _leaf(token_home / "keys" / manifest[role.value]["certificate"]).subject.rfc4514_string()
+        for role in Role
+    ]
+    assert_english(output, *subjects)
     assert PIN not in output and PIN not in (token_home / "keys" / "keystore.json").read_text()
     # No private key is left in a file below keys/; the CA keys stay where they were.
     for path in (token_home / "keys").rglob("*"):
@@ -500,7 +508,8 @@ def test_import_certificates_for_keys_already_in_the_token(
     code, out, err = _invoke(home, "keys", "init-token", "--token", IMPORT_TOKEN,
                              "--pin-file", str(hsm.pin_file), *labels, *imports)
     assert code == 0, err
-    assert out.count("トークン内の既存の鍵") == 3
+    assert out.count("the key already in the token") == 3
+    assert_english(out, *(_leaf(files[role]).subject.rfc4514_string() for role in Role))
     for role in Role:
         assert _manifest(home)[role.value]["key_label"] == f"hsm-{role.value}"
         assert _token_certificate(token, f"hsm-{role.value}") == _leaf(files[role])
@@ -585,6 +594,9 @@ def test_rotate_position_key_in_the_token(
     assert f"serial:   {new_certificate.serial_number:x}" in out
     assert f"{new_certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC" in out
     assert "koin-position" in out, "the old key's label is reported"
+    assert out.startswith("Replaced the position key (pkcs11):")
+    assert "The old key stays in the token with the label koin-position" in out
+    assert_english(out, new_certificate.subject.rfc4514_string())
     archived = list(
         (home / "keys" / "archive").glob(f"position-*-{old_certificate.serial_number:x}.pem")
     )

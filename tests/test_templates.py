@@ -43,6 +43,7 @@ from contracts import (
 from contracts.migrate import upgrade
 from keys import Role
 from signer import MIN_STAMP_SIZE, MM, Installation, SignatureLevel, sign_pdf
+from tests.cli_language import assert_english
 from tests.conftest import PUBLIC_URL
 from web import create_app
 from web.cli import cli
@@ -414,15 +415,18 @@ def runner(koin_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_cli_add_and_list(runner: CliRunner) -> None:
     empty = runner.invoke(cli, ["templates", "list"])
-    assert empty.exit_code == 0 and "ありません" in empty.output
+    assert empty.exit_code == 0 and empty.output == "There are no stamp templates.\n"
     added = runner.invoke(cli, [
         "templates", "add", KYOKA, "--title", KYOKA_TITLE, "--page", "1",
         "--box", "100,20,190,50", "--units", "mm", "--qr", "--level", "B-LT",
     ])
     assert added.exit_code == 0, added.output
+    assert added.output == f"Created the stamp template: {KYOKA} ({KYOKA_TITLE})\n"
+    assert_english(added.output, KYOKA_TITLE)
     assert runner.invoke(cli, ["templates", "add", "other", "--title", "その他"]).exit_code == 0
     listed = runner.invoke(cli, ["templates", "list"])
     assert listed.exit_code == 0
+    assert_english(listed.output, KYOKA_TITLE, "その他")
     first, second = listed.output.splitlines()
     assert first.startswith(f"{KYOKA}\t{KYOKA_TITLE}\tpage=1\tbox=283.465,56.6929,")
     assert first.endswith("B-LT qr") and second == "other\tその他\tpage=-1\tbox=default\tB-T"
@@ -435,3 +439,14 @@ def test_cli_add_and_list(runner: CliRunner) -> None:
     assert small.exit_code == 1 and "too small" in small.output
     usage = runner.invoke(cli, ["templates", "add", "bad", "--title", "x", "--box", "1,2"])
     assert usage.exit_code == 2
+
+
+def test_cli_speaks_japanese_by_default(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KOIN_LANG")
+    empty = runner.invoke(cli, ["templates", "list"])
+    assert empty.exit_code == 0 and empty.output == "印影テンプレートはありません。\n"
+    added = runner.invoke(cli, ["templates", "add", KYOKA, "--title", KYOKA_TITLE])
+    assert added.exit_code == 0, added.output
+    assert added.output == f"印影テンプレートを作成しました: {KYOKA} ({KYOKA_TITLE})\n"

@@ -59,6 +59,7 @@ from contracts import (
 from contracts.mail import retry_delay
 from contracts.webhooks import MAX_ATTEMPTS, sign_payload
 from signer import Installation
+from tests.cli_language import assert_english, assert_japanese
 from tests.conftest import PUBLIC_URL
 from tests.servers import free_port, koin_process, wsgi_server
 from tests.test_workflow import TARO, _all_consent, _contract, _create, _identify
@@ -828,12 +829,18 @@ def test_cli_add_list_disable_and_deliver(
     runner: CliRunner, sessions: sessionmaker[Session], receiver: tuple[Receiver, str]
 ) -> None:
     app, url = receiver
-    assert "ありません" in runner.invoke(cli, ["webhooks", "list"]).output
+    empty = runner.invoke(cli, ["webhooks", "list"]).output
+    assert empty == "There are no webhook endpoints.\n"
     added = runner.invoke(cli, ["webhooks", "add", url, "--event", "batch.finished",
                                 "--event", "contract.declined,contract.expired",
-                                "--description", "RPA"])
+                                "--description", "RPA 連携"])
     assert added.exit_code == 0, added.output
-    found = re.search(r"(whsec_[A-Za-z0-9_-]{43})$", added.output.strip())
+    assert_english(added.output)
+    assert "Registered the webhook endpoint: " in added.output
+    found = re.search(
+        r"^Signing secret \(shown this once only; set it on the receiving side\): "
+        r"(whsec_[A-Za-z0-9_-]{43})$", added.output.strip(), re.MULTILINE,
+    )
     assert found
     app.secret = found.group(1)
     with sessions() as db:
@@ -843,17 +850,23 @@ def test_cli_add_list_disable_and_deliver(
 
     listed = runner.invoke(cli, ["webhooks", "list"])
     assert listed.exit_code == 0 and app.secret not in listed.output
+    assert listed.output.rstrip("\n").endswith("\tRPA 連携")
+    assert_english(listed.output, "RPA 連携")
     assert listed.output.split("\t")[:4] == [
         str(endpoint.id), "active", "batch.finished,contract.declined,contract.expired", url,
     ]
     _event(sessions)
     delivered = runner.invoke(cli, ["webhooks", "deliver"])
-    assert delivered.exit_code == 0 and "1 件" in delivered.output
+    assert delivered.exit_code == 0 and delivered.output == "Delivered 1 webhook(s)\n"
     assert len(app.received) == 1 and app.received[0].verified
 
-    assert runner.invoke(cli, ["webhooks", "disable", str(endpoint.id)]).exit_code == 0
+    disabled = runner.invoke(cli, ["webhooks", "disable", str(endpoint.id)])
+    assert disabled.exit_code == 0
+    assert disabled.output == f"Disabled the webhook endpoint {endpoint.id}: {url}\n"
     assert "\tdisabled\t" in runner.invoke(cli, ["webhooks", "list"]).output
-    assert runner.invoke(cli, ["webhooks", "enable", str(endpoint.id)]).exit_code == 0
+    enabled = runner.invoke(cli, ["webhooks", "enable", str(endpoint.id)])
+    assert enabled.exit_code == 0
+    assert enabled.output == f"Enabled the webhook endpoint {endpoint.id}: {url}\n"
     missing = runner.invoke(cli, ["webhooks", "disable", "4242"])
     assert missing.exit_code == 1 and "There is no webhook endpoint 4242" in missing.output
     bad = runner.invoke(cli, ["webhooks", "add", "ftp://x.example/", "--event", "batch.finished"])
@@ -861,6 +874,24 @@ def test_cli_add_list_disable_and_deliver(
     unknown = runner.invoke(cli, ["webhooks", "add", url, "--event", "contract.signed"])
     assert unknown.exit_code == 1 and "contract.signed" in unknown.output
     assert runner.invoke(cli, ["webhooks", "add", url]).exit_code == 2  # --event is required
+
+
+def test_cli_speaks_japanese_by_default(
+    runner: CliRunner, receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KOIN_LANG")
+    _, url = receiver
+    assert runner.invoke(cli, ["webhooks", "list"]).output == "Webhook の送信先はありません。\n"
+    added = runner.invoke(cli, ["webhooks", "add", url, "--event", "batch.finished"])
+    assert added.exit_code == 0, added.output
+    assert "Webhook の送信先を登録しました: " in added.output
+    assert re.search(
+        r"^署名用シークレット\(この一度だけ表示します。受信側に設定してください\): whsec_\S+$",
+        added.output, re.MULTILINE,
+    )
+    delivered = runner.invoke(cli, ["webhooks", "deliver"])
+    assert delivered.output == "Webhook を配信しました: 0 件\n"
+    assert_japanese(delivered.output)
 
 
 def test_openapi_describes_every_event(app: Flask) -> None:

@@ -79,6 +79,7 @@ from signer import (
     sign_pdf,
     verify_pdf,
 )
+from tests.cli_language import assert_japanese
 from tests.conftest import PUBLIC_URL
 from tests.hostile import password_protected_pdf
 from tests.validators import openssl, pdfsig, pdfsig_signatures, pyhanko_status
@@ -932,8 +933,9 @@ def test_a_changed_original_is_not_signed_and_the_job_goes_on(
 
     report = run_due(sessions, installation, public_url=PUBLIC_URL)
     assert report.completed == [_contract(sessions, fine).public_id]
-    [(public_id, message)] = report.failed
-    assert public_id == contract.public_id and "does not match its SHA-256" in message
+    [(public_id, message, message_en)] = report.failed
+    assert public_id == contract.public_id and "does not match its SHA-256" in message_en
+    assert_japanese(message) and "原本が変更されています" in message
     contract = _contract(sessions, broken)
     assert contract.status == ContractStatus.COMPLETING and contract.completion_owner is None
     assert not (installation.home / "contracts" / contract.public_id / "final.pdf").exists()
@@ -1026,12 +1028,49 @@ def test_cli_jobs_run_due(
     monkeypatch.setenv("KOIN_HOME", str(installation.home))
     monkeypatch.setenv("KOIN_DATABASE_URL", db_url)
     monkeypatch.setenv("KOIN_PUBLIC_URL", PUBLIC_URL)
+    monkeypatch.delenv("KOIN_LANG", raising=False)
     result = CliRunner().invoke(cli, ["jobs", "run-due"])
     assert result.exit_code == 0, result.output
     assert "締結 1 件" in result.output and "失敗 0 件" in result.output
     _assert_signed_once(sessions, installation, contract_id)
-    again = CliRunner().invoke(cli, ["jobs", "run-due"])
-    assert again.exit_code == 0 and "締結 0 件" in again.output
+    again = CliRunner().invoke(cli, ["jobs", "run-due"], env={"KOIN_LANG": "en"})
+    assert again.exit_code == 0
+    assert again.output == "Reminders 0, expired 0, completed 0, failed 0\n"
+
+
+def test_cli_jobs_run_due_reports_a_failure_in_the_language_of_koin_lang(
+    sessions: sessionmaker[Session],
+    db_url: str,
+    installation: Installation,
+    permit_pdf: bytes,
+    officer: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    from web.cli import cli
+
+    broken = _create(sessions, installation, officer, permit_pdf)
+    _all_consent(sessions, broken)
+    contract = _contract(sessions, broken)
+    contract_file(installation.home, contract.original_path).write_bytes(permit_pdf + b"\n")
+    monkeypatch.setenv("KOIN_HOME", str(installation.home))
+    monkeypatch.setenv("KOIN_DATABASE_URL", db_url)
+    monkeypatch.setenv("KOIN_PUBLIC_URL", PUBLIC_URL)
+    english = CliRunner().invoke(cli, ["jobs", "run-due"], env={"KOIN_LANG": "en"})
+    assert english.exit_code == 1
+    assert english.stdout == "Reminders 0, expired 0, completed 0, failed 1\n"
+    assert english.stderr == (
+        f"koin: {contract.public_id}: The stored original of contract {contract.public_id} "
+        "does not match its SHA-256.\n"
+    )
+    japanese = CliRunner().invoke(cli, ["jobs", "run-due"], env={"KOIN_LANG": None})
+    assert japanese.exit_code == 1
+    assert japanese.stdout == "督促 0 件、期限切れ 0 件、締結 0 件、失敗 1 件\n"
+    assert japanese.stderr == (
+        f"koin: {contract.public_id}: "
+        "保存されている契約書の原本が変更されています。締結できません。\n"
+    )
 
 
 def test_public_ids_never_begin_with_an_option_dash(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,27 +31,35 @@ def _demo(settings: Settings) -> None:
     installation.initialize()
     _upgrade_database(settings)
     _create_secret_key_file(settings)
-    click.echo("デモデータを作成しています(数十秒かかります)…")
+    say = settings.in_language
+    click.echo(say("デモデータを作成しています(数十秒かかります)…",
+                   "Creating the demo data (this takes a minute or less)…"))
     with _sessions(settings) as sessions:
         report = seed_demo(sessions, installation, public_url=settings.public_url,
                            tsa_urls=settings.tsa_urls)
-    for line in report.created:
-        click.echo(f"作成: {line}")
+    for item in report.created:
+        click.echo(say(f"作成: {item.message}", f"Created: {item.message_en}"))
     if report.existing:
-        click.echo(f"既にあるもの(変更なし): {len(report.existing)} 件")
+        click.echo(say(f"既にあるもの(変更なし): {len(report.existing)} 件",
+                       f"Already there (unchanged): {len(report.existing)}"))
     if report.passwords:
         # stdout only, never the log: the one place these passwords are ever shown
-        click.echo("初期パスワード(この一度だけ表示します。安全な場所に控えてください):")
+        click.echo(say("初期パスワード(この一度だけ表示します。安全な場所に控えてください):",
+                       "Initial passwords (shown this once only; keep them somewhere safe):"))
     for email, password in report.passwords.items():
         click.echo(f"  {email}  {password}")
     for title, party, code in report.access_codes:
         # shown this once, like on the officer's page; only the hash is kept
-        click.echo(f"アクセスコード: {title} / {party}: {code}")
+        click.echo(say(f"アクセスコード: {title} / {party}: {code}",
+                       f"Access code: {title} / {party}: {code}"))
     if not report.created:
-        click.echo("デモデータは既にそろっています。")
+        click.echo(say("デモデータは既にそろっています。", "The demo data is all there already."))
     base = settings.public_url.rstrip("/")
-    click.echo(f"ログイン: {base}/login  メール(koin serve の開発用メールボックス): "
-               f"{base}/dev/mailbox")
+    click.echo(say(
+        f"ログイン: {base}/login  メール(koin serve の開発用メールボックス): {base}/dev/mailbox",
+        f"Log in: {base}/login  Mail (the development mailbox of koin serve): "
+        f"{base}/dev/mailbox",
+    ))
 
 
 demo: click.Command = click.command("demo")(_demo)

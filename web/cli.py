@@ -110,21 +110,28 @@ def init(settings: Settings, public_url: str | None, admin_email: str) -> None:
     report = installation.initialize()
     _upgrade_database(settings)
     home = settings.home.resolve()
+    say = settings.in_language
     if report.keys_created:
-        click.echo(f"デモ PKI と鍵ストアを作成しました: {home / 'keys'}")
+        click.echo(say(f"デモ PKI と鍵ストアを作成しました: {home / 'keys'}",
+                       f"Created the demo PKI and key store: {home / 'keys'}"))
         if report.passphrase_file_created:
-            click.echo(
-                f"鍵のパスフレーズは {home / 'keys' / 'passphrase'} (0600) に保存しました。"
-                "本番では KOIN_KEY_PASSPHRASE を使ってください。"
-            )
+            passphrase_file = home / "keys" / "passphrase"
+            click.echo(say(
+                f"鍵のパスフレーズは {passphrase_file} (0600) に保存しました。"
+                "本番では KOIN_KEY_PASSPHRASE を使ってください。",
+                f"Saved the key passphrase in {passphrase_file} (0600); in production, use "
+                "KOIN_KEY_PASSPHRASE instead.",
+            ))
     else:
-        click.echo(f"鍵ストアは既にあります: {home / 'keys'}")
+        click.echo(say(f"鍵ストアは既にあります: {home / 'keys'}",
+                       f"The key store already exists: {home / 'keys'}"))
     for path in report.assets_created:
-        click.echo(f"作成: {path}")
-    click.echo(f"ルート証明書: {home / 'pki' / 'root-ca.pem'}")
+        click.echo(say(f"作成: {path}", f"Created: {path}"))
+    root = home / "pki" / "root-ca.pem"
+    click.echo(say(f"ルート証明書: {root}", f"Root certificate: {root}"))
     secret_file = _create_secret_key_file(settings)
     if secret_file is not None:
-        click.echo(f"作成: {secret_file}")
+        click.echo(say(f"作成: {secret_file}", f"Created: {secret_file}"))
     _ensure_first_admin(settings, admin_email)
 
 
@@ -162,16 +169,22 @@ def _ensure_first_admin(settings: Settings, email: str) -> None:
     finally:
         engine.dispose()
     if created is None:
-        click.echo("管理者のアカウントは既にあります。")
+        click.echo(settings.in_language(
+            "管理者のアカウントは既にあります。", "An administrator account already exists."
+        ))
         return
     admin, password = created
-    click.echo(f"管理者のアカウントを作成しました: {admin.email}")
-    _show_password_once(password)
+    click.echo(settings.in_language(f"管理者のアカウントを作成しました: {admin.email}",
+                                    f"Created the administrator account: {admin.email}"))
+    _show_password_once(settings, password)
 
 
-def _show_password_once(password: str) -> None:
+def _show_password_once(settings: Settings, password: str) -> None:
     # stdout only, never the log: this is the one place the password is ever shown
-    click.echo(f"初期パスワード(この一度だけ表示します。安全な場所に控えてください): {password}")
+    click.echo(settings.in_language(
+        f"初期パスワード(この一度だけ表示します。安全な場所に控えてください): {password}",
+        f"Initial password (shown this once only; keep it somewhere safe): {password}",
+    ))
 
 
 def _database_url(settings: Settings) -> str:
@@ -324,10 +337,12 @@ def sign(
     if as_json:
         click.echo(json.dumps(summary, ensure_ascii=False))
     else:
-        click.echo(
+        click.echo(settings.in_language(
             f"署名しました: {output_pdf} (文書番号 {result.document_id}, {result.level.value}, "
-            f"SHA-256 {result.sha256})"
-        )
+            f"SHA-256 {result.sha256})",
+            f"Signed: {output_pdf} (document ID {result.document_id}, {result.level.value}, "
+            f"SHA-256 {result.sha256})",
+        ))
 
 
 def _sign_remotely(
@@ -376,9 +391,10 @@ def _sign_remotely(
         click.echo(json.dumps({"output": str(output_pdf), "document_id": document_id,
                                "level": level, "sha256": digest}, ensure_ascii=False))
     else:
-        click.echo(
-            f"署名しました: {output_pdf} (文書番号 {document_id}, {level}, SHA-256 {digest})"
-        )
+        click.echo(settings.in_language(
+            f"署名しました: {output_pdf} (文書番号 {document_id}, {level}, SHA-256 {digest})",
+            f"Signed: {output_pdf} (document ID {document_id}, {level}, SHA-256 {digest})",
+        ))
 
 
 _BATCH_LABELS = {
@@ -465,12 +481,12 @@ def sign_batch(
 
 
 def _batch_summary(settings: Settings, summary: Any) -> None:
-    if settings.language == "en":
-        click.echo(f"{summary.total} file(s): {summary.signed} signed, {summary.skipped} "
-                   f"skipped, {summary.failed} failed; manifest {summary.manifest}")
-    else:
-        click.echo(f"{summary.total} 件: 署名 {summary.signed} 件、スキップ {summary.skipped} 件、"
-                   f"失敗 {summary.failed} 件。マニフェスト {summary.manifest}")
+    click.echo(settings.in_language(
+        f"{summary.total} 件: 署名 {summary.signed} 件、スキップ {summary.skipped} 件、"
+        f"失敗 {summary.failed} 件。マニフェスト {summary.manifest}",
+        f"{summary.total} file(s): {summary.signed} signed, {summary.skipped} skipped, "
+        f"{summary.failed} failed; manifest {summary.manifest}",
+    ))
     if summary.failed:
         sys.exit(EXIT_REFUSED)
 
@@ -529,7 +545,10 @@ def db_upgrade(settings: Settings) -> None:
     from contracts import migrate
 
     _upgrade_database(settings)
-    click.echo(f"データベースは最新です: {migrate.current(_database_url(settings))}")
+    revision = migrate.current(_database_url(settings))
+    click.echo(settings.in_language(
+        f"データベースは最新です: {revision}", f"The database is up to date: {revision}"
+    ))
 
 
 @cli.group("users")
@@ -585,13 +604,19 @@ def users_create(
                         f"{exc.message_en} Its roles and name are left unchanged.",
                         email=exc.email,
                     ) from exc
-                click.echo(f"アカウントは既にあります(変更なし): {existing.email}")
+                click.echo(settings.in_language(
+                    f"アカウントは既にあります(変更なし): {existing.email}",
+                    f"The account already exists (unchanged): {existing.email}",
+                ))
                 return
     finally:
         engine.dispose()
-    click.echo(f"アカウントを作成しました: {user.email} ({', '.join(sorted(user.roles))})")
+    summary = f"{user.email} ({', '.join(sorted(user.roles))})"
+    click.echo(settings.in_language(
+        f"アカウントを作成しました: {summary}", f"Created the account: {summary}"
+    ))
     if generated is not None:
-        _show_password_once(generated)
+        _show_password_once(settings, generated)
 
 
 @users_group.command("reset-password")
@@ -618,8 +643,10 @@ def users_reset_password(settings: Settings, email: str) -> None:
             address = user.email
     finally:
         engine.dispose()
-    click.echo(f"パスワードを再発行しました: {address}")
-    _show_password_once(password)
+    click.echo(settings.in_language(
+        f"パスワードを再発行しました: {address}", f"Issued a new password: {address}"
+    ))
+    _show_password_once(settings, password)
 
 
 @cli.group("apikeys")
@@ -664,9 +691,14 @@ def apikeys_create(settings: Settings, email: str, scopes: str, name: str) -> No
         user = _user_or_refuse(session, email)
         key, raw = contracts.create_api_key(session, user, name=name, scopes=_scopes(scopes))
         summary = f"{key.prefix} ({key.scopes.replace(' ', ',')}) for {user.email}"
-    click.echo(f"API キーを作成しました: {summary}")
+    click.echo(settings.in_language(
+        f"API キーを作成しました: {summary}", f"Created the API key: {summary}"
+    ))
     # stdout only, never the log: this is the one place the key is ever shown
-    click.echo(f"API キー(この一度だけ表示します。安全な場所に控えてください): {raw}")
+    click.echo(settings.in_language(
+        f"API キー(この一度だけ表示します。安全な場所に控えてください): {raw}",
+        f"API key (shown this once only; keep it somewhere safe): {raw}",
+    ))
 
 
 @apikeys_group.command("list")
@@ -689,7 +721,9 @@ def apikeys_list(settings: Settings, email: str) -> None:
                 f"{key.name}"
             )
     if not keys:
-        click.echo(f"{user.email} には API キーがありません。")
+        click.echo(settings.in_language(
+            f"{user.email} には API キーがありません。", f"{user.email} has no API keys."
+        ))
 
 
 @apikeys_group.command("revoke")
@@ -704,7 +738,10 @@ def apikeys_revoke(settings: Settings, prefix: str) -> None:
     with _sessions(settings) as sessions, contracts.session_scope(sessions) as session:
         key = contracts.revoke_api_key(session, prefix)
         revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "?"
-    click.echo(f"API キーを無効にしました: {key.prefix} ({revoked})")
+    click.echo(settings.in_language(
+        f"API キーを無効にしました: {key.prefix} ({revoked})",
+        f"Revoked the API key: {key.prefix} ({revoked})",
+    ))
 
 
 @cli.group("templates")
@@ -735,7 +772,9 @@ def templates_list(settings: Settings, show_all: bool, as_json: bool) -> None:
         click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
     if not templates:
-        click.echo("印影テンプレートはありません。")
+        click.echo(settings.in_language(
+            "印影テンプレートはありません。", "There are no stamp templates."
+        ))
         return
     for t in templates:
         box = ",".join(f"{v:g}" for v in t.box) if t.box else "default"
@@ -780,7 +819,10 @@ def templates_add(
             session, name, title=title, page=page, box=points, qr=qr, level=level,
             certify=certify,
         )
-    click.echo(f"印影テンプレートを作成しました: {template.name} ({template.title})")
+    summary = f"{template.name} ({template.title})"
+    click.echo(settings.in_language(
+        f"印影テンプレートを作成しました: {summary}", f"Created the stamp template: {summary}"
+    ))
 
 
 @cli.group("keys")
@@ -807,14 +849,18 @@ def keys_import(
         file_passphrase = os.environ["KOIN_IMPORT_PASSPHRASE"].encode()
     else:
         file_passphrase = click.prompt(
-            f"{p12_file} のパスフレーズ", hide_input=True, err=True
+            settings.in_language(f"{p12_file} のパスフレーズ", f"Passphrase of {p12_file}"),
+            hide_input=True, err=True,
         ).encode()
     store = _installation(settings).key_store
     certificate = keys_lib.import_pkcs12(
         store, Role(role), p12_file.read_bytes(), file_passphrase,
         keys_lib.resolve_passphrase(settings.home),
     )
-    click.echo(f"{role} の鍵を取り込みました: {certificate.subject.rfc4514_string()}")
+    subject = certificate.subject.rfc4514_string()
+    click.echo(settings.in_language(
+        f"{role} の鍵を取り込みました: {subject}", f"Imported the {role} key: {subject}"
+    ))
 
 
 def _role_pairs(values: Sequence[str], option: str) -> dict[Role, str]:
@@ -897,25 +943,37 @@ def keys_init_token(
     elif os.environ.get(keys_lib.PIN_ENV):
         pin, pin_source = os.environ[keys_lib.PIN_ENV], keys_lib.PIN_ENV
     else:
-        pin = click.prompt(f"トークン {token_label} の PIN", hide_input=True, err=True)
+        pin = click.prompt(
+            settings.in_language(f"トークン {token_label} の PIN", f"PIN of token {token_label}"),
+            hide_input=True, err=True,
+        )
         pin_source = "PIN"
     result = keys_lib.init_token(
         settings.home, settings.public_url, module=module, token=token_label, pin=pin,
         pin_source=pin_source, pin_file=recorded_pin_file, kind=keys_lib.KeyKind(key_type),
         label_prefix=label_prefix, key_labels=labels, import_certs=certificates,
     )
+    say = settings.in_language
     for entry in result.roles:
-        how = "トークン内で生成" if entry.generated else "トークン内の既存の鍵"
+        how = (
+            say("トークン内で生成", "generated in the token") if entry.generated
+            else say("トークン内の既存の鍵", "the key already in the token")
+        )
         click.echo(f"{entry.role.value}: {how} (label {entry.key_label})")
         for line in _certificate_lines(entry.certificate):
             click.echo(line)
     for path in result.archived:
-        click.echo(f"旧証明書を保管しました: {path}")
+        click.echo(say(f"旧証明書を保管しました: {path}", f"Archived the old certificate: {path}"))
     for path in result.removed:
-        click.echo(f"旧 PKCS#12 鍵ファイルを削除しました: {path}")
-    click.echo(f"鍵ストアを PKCS#11 トークン {result.token!r} ({result.module}) に切り替えました。")
+        click.echo(say(f"旧 PKCS#12 鍵ファイルを削除しました: {path}",
+                       f"Deleted the old PKCS#12 key file: {path}"))
+    click.echo(say(
+        f"鍵ストアを PKCS#11 トークン {result.token!r} ({result.module}) に切り替えました。",
+        f"Switched the key store to the PKCS#11 token {result.token!r} ({result.module}).",
+    ))
     if recorded_pin_file is None:
-        click.echo(f"署名するプロセスには {keys_lib.PIN_ENV} で PIN を渡してください。")
+        click.echo(say(f"署名するプロセスには {keys_lib.PIN_ENV} で PIN を渡してください。",
+                       f"Give the signing processes the PIN in {keys_lib.PIN_ENV}."))
 
 
 @keys_group.command("rotate")
@@ -929,13 +987,18 @@ def keys_rotate(settings: Settings, role: str) -> None:
     verifying. Restart running services (koin serve, koin tsa serve) to use the new key.
     """
     rotation = keys_lib.rotate_key(settings.home, Role(role), settings.public_url)
-    click.echo(f"{role} の鍵を更新しました ({rotation.backend}):")
+    say = settings.in_language
+    click.echo(say(f"{role} の鍵を更新しました ({rotation.backend}):",
+                   f"Replaced the {role} key ({rotation.backend}):"))
     for line in _certificate_lines(rotation.certificate):
         click.echo(line)
-    click.echo(f"旧証明書 (serial {rotation.previous.serial_number:x}) を保管しました: "
-               f"{rotation.archived}")
+    serial = f"{rotation.previous.serial_number:x}"
+    click.echo(say(f"旧証明書 (serial {serial}) を保管しました: {rotation.archived}",
+                   f"Archived the old certificate (serial {serial}): {rotation.archived}"))
     if rotation.previous_key_label:
-        click.echo(f"旧鍵はトークン内にラベル {rotation.previous_key_label} で残っています。")
+        label = rotation.previous_key_label
+        click.echo(say(f"旧鍵はトークン内にラベル {label} で残っています。",
+                       f"The old key stays in the token with the label {label}."))
 
 
 @cli.group("pki")
@@ -962,7 +1025,9 @@ def refresh_crls(settings: Settings, force: bool) -> None:
     """Re-issue the demo CAs' CRLs that are about to expire."""
 
     for name in keys_lib.refresh_crls(settings.home, settings.public_url, force=force):
-        click.echo(f"CRL を更新しました: {name}")
+        click.echo(settings.in_language(
+            f"CRL を更新しました: {name}", f"Re-issued the CRL: {name}"
+        ))
 
 
 @cli.group("tsa")
@@ -983,7 +1048,8 @@ def tsa_serve(settings: Settings, host: str, port: int) -> None:
     authority = TimeStampAuthority.from_key_store(
         installation.key_store, installation.tsa_state_dir
     )
-    click.echo(f"TSA: http://{host}:{port}/ (Ctrl-C で終了)", err=True)
+    click.echo(settings.in_language(f"TSA: http://{host}:{port}/ (Ctrl-C で終了)",
+                                    f"TSA: http://{host}:{port}/ (Ctrl-C to stop)"), err=True)
     serve(authority, host, port)
 
 
@@ -1046,10 +1112,12 @@ def mail_deliver(settings: Settings, limit: int) -> None:
         engine.dispose()
         if dev_server is not None:
             dev_server.stop()
-    click.echo(
+    click.echo(settings.in_language(
         f"メールを送信しました: {len(report.sent)} 件"
-        + (f"、失敗 {len(report.failed)} 件(後で再送します)" if report.failed else "")
-    )
+        + (f"、失敗 {len(report.failed)} 件(後で再送します)" if report.failed else ""),
+        f"Sent {len(report.sent)} message(s)"
+        + (f"; {len(report.failed)} failed (sent again later)" if report.failed else ""),
+    ))
 
 
 @cli.group("jobs")
@@ -1075,12 +1143,14 @@ def jobs_run_due(settings: Settings) -> None:
         )
     finally:
         engine.dispose()
-    click.echo(
+    click.echo(settings.in_language(
         f"督促 {report.reminders_sent} 件、期限切れ {len(report.expired)} 件、"
-        f"締結 {len(report.completed)} 件、失敗 {len(report.failed)} 件"
-    )
-    for public_id, message in report.failed:
-        _say_error(f"{public_id}: {' '.join(message.split())}")
+        f"締結 {len(report.completed)} 件、失敗 {len(report.failed)} 件",
+        f"Reminders {report.reminders_sent}, expired {len(report.expired)}, "
+        f"completed {len(report.completed)}, failed {len(report.failed)}",
+    ))
+    for public_id, message, message_en in report.failed:
+        _say_error(f"{public_id}: {' '.join(settings.in_language(message, message_en).split())}")
     if report.failed:
         sys.exit(EXIT_REFUSED)
 
@@ -1208,9 +1278,15 @@ def webhooks_add(settings: Settings, url: str, events: tuple[str, ...], descript
             session, url, events=_event_names(events), description=description
         )
         summary = f"{endpoint.id} {endpoint.url} ({endpoint.events.replace(' ', ',')})"
-    click.echo(f"Webhook の送信先を登録しました: {summary}")
+    click.echo(settings.in_language(
+        f"Webhook の送信先を登録しました: {summary}",
+        f"Registered the webhook endpoint: {summary}",
+    ))
     # stdout only, never the log: this is the one place the secret is ever shown
-    click.echo(f"署名用シークレット(この一度だけ表示します。受信側に設定してください): {secret}")
+    click.echo(settings.in_language(
+        f"署名用シークレット(この一度だけ表示します。受信側に設定してください): {secret}",
+        f"Signing secret (shown this once only; set it on the receiving side): {secret}",
+    ))
 
 
 @webhooks_group.command("list")
@@ -1225,7 +1301,9 @@ def webhooks_list(settings: Settings) -> None:
         endpoints = contracts.list_endpoints(session)
         counts = contracts.webhooks.delivery_counts(session)
     if not endpoints:
-        click.echo("Webhook の送信先はありません。")
+        click.echo(settings.in_language(
+            "Webhook の送信先はありません。", "There are no webhook endpoints."
+        ))
         return
     for endpoint in endpoints:
         state = "active" if endpoint.active else "disabled"
@@ -1244,8 +1322,16 @@ def _set_webhook_active(settings: Settings, endpoint_id: int, active: bool) -> N
     with _sessions(settings) as sessions, contracts.session_scope(sessions) as session:
         endpoint = contracts.set_endpoint_active(session, endpoint_id, active)
         url = endpoint.url
-    verb = "有効にしました" if active else "停止しました"
-    click.echo(f"Webhook の送信先 {endpoint_id} を{verb}: {url}")
+    if active:
+        click.echo(settings.in_language(
+            f"Webhook の送信先 {endpoint_id} を有効にしました: {url}",
+            f"Enabled the webhook endpoint {endpoint_id}: {url}",
+        ))
+    else:
+        click.echo(settings.in_language(
+            f"Webhook の送信先 {endpoint_id} を停止しました: {url}",
+            f"Disabled the webhook endpoint {endpoint_id}: {url}",
+        ))
 
 
 @webhooks_group.command("disable")
@@ -1279,11 +1365,14 @@ def webhooks_deliver(settings: Settings, limit: int) -> None:
     _upgrade_database(settings)
     with _sessions(settings) as sessions:
         report = contracts.deliver_webhooks(sessions, limit=limit)
-    click.echo(
+    click.echo(settings.in_language(
         f"Webhook を配信しました: {len(report.delivered)} 件"
         + (f"、再試行待ち {len(report.retrying)} 件" if report.retrying else "")
-        + (f"、失敗(打ち切り) {len(report.failed)} 件" if report.failed else "")
-    )
+        + (f"、失敗(打ち切り) {len(report.failed)} 件" if report.failed else ""),
+        f"Delivered {len(report.delivered)} webhook(s)"
+        + (f"; {len(report.retrying)} waiting to be retried" if report.retrying else "")
+        + (f"; {len(report.failed)} failed (given up)" if report.failed else ""),
+    ))
 
 
 @cli.command()
@@ -1345,15 +1434,19 @@ def serve(settings: Settings, host: str, port: int, run_init: bool) -> None:
                 if settings.lta_interval > 0
                 else None
             )
+        say = settings.in_language
         if dev_server is None:
-            click.echo(f"koin: メールの送信先 {transport.url}", err=True)
-        elif dev_mode:
-            click.echo(f"koin: 開発用メールボックス http://{host}:{port}/dev/mailbox "
-                       f"(SMTP {dev_server.url})", err=True)
+            click.echo(say(f"koin: メールの送信先 {transport.url}",
+                           f"koin: mail goes to {transport.url}"), err=True)
         else:
-            click.echo(f"koin: 開発用メールボックス {dev_server.folder} (SMTP {dev_server.url})",
+            mailbox = (
+                f"http://{host}:{port}/dev/mailbox" if dev_mode else str(dev_server.folder)
+            )
+            click.echo(say(f"koin: 開発用メールボックス {mailbox} (SMTP {dev_server.url})",
+                           f"koin: development mailbox {mailbox} (SMTP {dev_server.url})"),
                        err=True)
-        click.echo(f"koin: http://{host}:{port}/ (Ctrl-C で終了)", err=True)
+        click.echo(say(f"koin: http://{host}:{port}/ (Ctrl-C で終了)",
+                       f"koin: http://{host}:{port}/ (Ctrl-C to stop)"), err=True)
         with worker, webhooks:
             for periodic in (jobs, batches, lta):
                 if periodic is not None:
@@ -1382,6 +1475,14 @@ from ._cli_demo import demo  # noqa: E402
 cli.add_command(demo)
 
 
+def _internal_error_message() -> str:
+    bilingual = "内部エラーが発生しました(internal error); see the log above."
+    try:
+        return Settings().in_language(bilingual, "Internal error; see the log above.")
+    except Exception:  # the settings themselves may be what failed
+        return bilingual
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="koin")
@@ -1389,5 +1490,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise
     except Exception:  # a bug, not a refusal: keep the traceback in the log, not on stdout
         log.exception("internal error")
-        _say_error("内部エラーが発生しました(internal error); see the log above.")
+        _say_error(_internal_error_message())
         sys.exit(EXIT_INTERNAL)
