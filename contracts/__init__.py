@@ -18,6 +18,7 @@ from .accounts import (
     User,
     UserRole,
     authenticate,
+    change_password,
     create_first_admin,
     create_user,
     generate_password,
@@ -116,6 +117,7 @@ from .errors import (
     WebhookNotFound,
     WebhookSignatureInvalid,
     WorkflowError,
+    WrongCurrentPassword,
 )
 from .jobs import JobWorker
 from .lta import (
@@ -331,6 +333,7 @@ __all__ = [
     "UserRole",
     "UtcDateTime",
     "WorkflowError",
+    "WrongCurrentPassword",
     "authenticate",
     "authenticate_api_key",
     "add_party",
@@ -382,6 +385,7 @@ __all__ = [
     "send_contract",
     "session_scope",
     "set_password",
+    "change_password",
     "sign_and_record",
     "utcnow",
     "verify_chain",

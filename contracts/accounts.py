@@ -48,6 +48,7 @@ from .errors import (
     InvalidAccountData,
     LoginFailed,
     UserExists,
+    WrongCurrentPassword,
 )
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "UserRoleGrant",
     "admin_exists",
     "authenticate",
+    "change_password",
     "create_first_admin",
     "create_user",
     "generate_password",
@@ -428,6 +430,45 @@ def set_password(session: Session, user: User, password: str) -> None:
     user.failed_logins = 0
     user.locked_until = None
     session.flush()
+
+
+def change_password(
+    session: Session, user: User, current: str, new: str, *, now: dt.datetime | None = None
+) -> None:
+    """The user's own change of password (the caller commits): ``current`` must be the
+    password, and ``new`` a usable one that differs from it and from the e-mail address.
+    Sessions logged in with the old password stop working, as with :func:`set_password`.
+
+    A wrong ``current`` counts as a failed login (a stolen session cannot try passwords at
+    will): the ``MAX_FAILED_LOGINS``-th in a row locks the account. Call it in a transaction
+    that has not written yet (see :func:`authenticate`).
+
+    :param now: the current time (aware), for tests; default the clock.
+    :raises WrongCurrentPassword: ``current`` is wrong (counted).
+    :raises AccountLocked: the account is locked, or this failure locked it.
+    :raises InvalidAccountData: ``new`` is too short or too long, the same as ``current``, or
+        the e-mail address.
+    """
+    now = aware_utc(now)
+    if user.locked_until is not None and user.locked_until > now:
+        raise AccountLocked(user.locked_until, now)
+    if not check_password_hash(user.password_hash, current):
+        try:
+            _count_failure(session, user.id, now)
+        except LoginFailed:
+            raise WrongCurrentPassword() from None
+    _checked_password(new)
+    if new == current:
+        raise InvalidAccountData(
+            "password", "新しいパスワードが現在のものと同じです。",
+            "The new password is the same as the current one.",
+        )
+    if new.strip().lower() == user.email:
+        raise InvalidAccountData(
+            "password", "メールアドレスはパスワードに使えません。",
+            "The e-mail address cannot be the password.",
+        )
+    set_password(session, user, new)
 
 
 def has_role(user: User, role: UserRole | str) -> bool:

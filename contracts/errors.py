@@ -45,6 +45,7 @@ __all__ = [
     "DuplicateDocument",
     "InvalidAccountData",
     "LoginFailed",
+    "WrongCurrentPassword",
     "LtaFileError",
     "UserExists",
     "InvalidWebhookData",
@@ -154,6 +155,16 @@ class UserExists(AccountError):
             email=email,
         )
         self.email = email
+
+
+class WrongCurrentPassword(AccountError):
+    """The current password given to change it is wrong (counted like a failed login)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "現在のパスワードが正しくありません。",
+            "The current password is not correct.",
+        )
 
 
 class InvalidAccountData(AccountError):

@@ -336,6 +336,39 @@ def test_set_password_replaces_it_and_lifts_the_lock(sessions: sessionmaker[Sess
     assert _login(sessions, user.email, "a brand new passphrase", now=T0).id == user.id
 
 
+def test_change_password_needs_the_current_one_and_counts_wrong_ones(
+    sessions: sessionmaker[Session],
+) -> None:
+    user = _new(sessions)
+
+    def change(current: str, new: str, **options: Any) -> None:
+        with session_scope(sessions) as session:
+            stored = get_user(session, user.id)
+            assert stored is not None
+            contracts.change_password(session, stored, current, new, **options)
+
+    unusable = [("short", "12"), (PASSWORD, "同じ"), (user.email.upper(), "メールアドレス")]
+    for new, reason in unusable:
+        with pytest.raises(InvalidAccountData) as refused:
+            change(PASSWORD, new, now=T0)
+        assert reason in refused.value.message
+    assert _reload(sessions, user.id).failed_logins == 0  # the right current password
+    for attempt in range(4):
+        with pytest.raises(contracts.WrongCurrentPassword) as wrong:
+            change("not my password", "a brand new passphrase", now=T0)
+        assert wrong.value.message_en == "The current password is not correct."
+        assert _reload(sessions, user.id).failed_logins == attempt + 1
+    with pytest.raises(AccountLocked):  # the fifth wrong one locks, as at the login
+        change("not my password", "a brand new passphrase", now=T0)
+    with pytest.raises(AccountLocked):  # and while locked even the right one is refused
+        change(PASSWORD, "a brand new passphrase", now=T0 + dt.timedelta(minutes=1))
+    later = T0 + accounts_module.LOCKOUT_PERIOD + dt.timedelta(seconds=1)
+    change(PASSWORD, "a brand new passphrase", now=later)
+    with pytest.raises(LoginFailed):
+        _login(sessions, user.email, PASSWORD, now=later)
+    assert _login(sessions, user.email, "a brand new passphrase", now=later).id == user.id
+
+
 # -- concurrency ------------------------------------------------------------------------------
 
 
@@ -615,6 +648,55 @@ def test_password_change_ends_other_sessions(
     fresh = app.test_client()
     _post_login(fresh, password="another long password")
     assert fresh.get("/probe/any").status_code == 200
+
+
+def _change_on_the_page(client: FlaskClient, current: str, new: str, again: str | None = None,
+                        **environ: Any) -> TestResponse:
+    token = _csrf_token(client, "/account/password")
+    return client.post("/account/password", data={
+        "csrf_token": token, "current_password": current, "new_password": new,
+        "new_password_again": new if again is None else again,
+    }, **environ)
+
+
+def test_own_password_change_on_the_page(
+    client: FlaskClient, app: Flask, web_db: sessionmaker[Session]
+) -> None:
+    assert client.get("/account/password").status_code == 302  # login first
+    other_device = app.test_client()
+    _post_login(other_device)
+    _post_login(client)
+    page = client.get("/account/password").get_data(as_text=True)
+    assert "パスワードの変更" in page and "officer@example.jp" in page
+    # the name in the header leads here from every page
+    assert 'id="current-user" href="/account/password"' in page
+    differs = _change_on_the_page(client, PASSWORD, "a brand new passphrase", "a brand new typo")
+    assert differs.status_code == 400 and "一致しません" in differs.get_data(as_text=True)
+    wrong = _change_on_the_page(client, "not my password", "a brand new passphrase")
+    assert wrong.status_code == 401 and "現在のパスワードが正しくありません" in wrong.get_data(
+        as_text=True)
+    short = _change_on_the_page(client, PASSWORD, "short")
+    assert short.status_code == 400 and "12 文字以上" in short.get_data(as_text=True)
+    done = _change_on_the_page(client, PASSWORD, "a brand new passphrase")
+    assert done.status_code == 303 and done.headers["Location"].endswith("/account/password")
+    assert "パスワードを変更しました" in client.get("/account/password").get_data(as_text=True)
+    # this session goes on; the other device's has ended; the new password logs in
+    assert client.get("/probe/any").status_code == 200
+    assert other_device.get("/probe/any").status_code == 302
+    assert _post_login(other_device, password=PASSWORD).status_code == 401
+    assert _post_login(other_device, password="a brand new passphrase").status_code == 302
+    english = client.get("/account/password?lang=en").get_data(as_text=True)
+    assert "Change password" in english and "Current password" in english
+
+
+def test_wrong_current_passwords_on_the_page_lock_the_account(client: FlaskClient) -> None:
+    _post_login(client)
+    answers = [_change_on_the_page(client, f"guess number {i}", "a brand new passphrase")
+               for i in range(6)]
+    assert [a.status_code for a in answers] == [401] * 4 + [429, 429]
+    assert int(answers[-1].headers["Retry-After"]) > 60
+    # the lock is the account's: the right password does not log in elsewhere either
+    assert _post_login(client.application.test_client()).status_code == 429
 
 
 def test_disabled_user_is_logged_out(client: FlaskClient, web_db: sessionmaker[Session]) -> None:

@@ -1008,7 +1008,7 @@ def test_no_secret_in_the_logs_of_real_koin_processes(
 
 
 def _printed_password(stdout: str) -> str:
-    match = re.search(r"(?:password|パスワード)\S*[:：]\s*(\S+)", stdout, re.IGNORECASE)
+    match = re.search(r"(?:password|パスワード)[^:：\n]*[:：]\s*(\S+)", stdout, re.IGNORECASE)
     assert match, stdout
     return match.group(1)
 

@@ -69,6 +69,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
 
     from . import (
+        account_views,
         admin_views,
         api,
         api_batches,
@@ -104,6 +105,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     auth.csrf.exempt(verify_views.bp)
     auth.csrf.exempt(pki.tsa)
     app.register_blueprint(auth.bp)
+    app.register_blueprint(account_views.bp)
     app.register_blueprint(pki.bp)
     app.register_blueprint(verify_views.bp)
     app.register_blueprint(contract_views.bp)

@@ -61,6 +61,7 @@ __all__ = [
     "csrf",
     "current_user",
     "init_app",
+    "keep_this_session",
     "login_required",
     "resolve_secret_key",
     "safe_next",
@@ -318,6 +319,13 @@ def login_submit() -> Response | tuple[str, int] | tuple[str, int, dict[str, str
     session[_FINGERPRINT] = _fingerprint(user)
     g.koin_user = user
     return redirect(safe_next(next_url) or url_for("pki.index"))
+
+
+def keep_this_session(user: User) -> None:
+    """After ``user`` changed their own password: this session goes on (bound to the new
+    password), while every other session of theirs has ended."""
+    session[_FINGERPRINT] = _fingerprint(user)
+    g.koin_user = user
 
 
 @bp.post("/logout")

@@ -748,6 +748,20 @@ ENGLISH = {
     "対象の契約": "Contract",
     "新しいパスワード(この画面でのみ表示)": "New password (shown on this page only)",
     "パスワードを再発行": "Reissue password",
+    # lead: changing one's own password (web/account_views.py)
+    "パスワードの変更": "Change password",
+    "パスワードを変更しました。ほかの端末やブラウザーでのログインは終了しました。": (
+        "Your password was changed. Logins on other devices and browsers have ended."
+    ),
+    "現在のパスワード": "Current password",
+    "新しいパスワード": "New password",
+    "新しいパスワード(確認)": "New password (again)",
+    "変更する": "Change",
+    "%(count)s 文字以上にしてください。": "Use at least %(count)s characters.",
+    "管理者から受け取った初期パスワードは、ご自分だけが知るものに変えてください。": (
+        "Replace the initial password you received from the administrator with one that only "
+        "you know."
+    ),
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
