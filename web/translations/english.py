@@ -748,6 +748,8 @@ ENGLISH = {
     "対象の契約": "Contract",
     "新しいパスワード(この画面でのみ表示)": "New password (shown on this page only)",
     "パスワードを再発行": "Reissue password",
+    # ui-look: one party's fieldset on the new-contract form (was "Parties 1")
+    "当事者 %(number)s": "Party %(number)s",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
