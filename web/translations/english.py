@@ -762,6 +762,8 @@ ENGLISH = {
         "Replace the initial password you received from the administrator with one that only "
         "you know."
     ),
+    # ui-look: one party's fieldset on the new-contract form (was "Parties 1")
+    "当事者 %(number)s": "Party %(number)s",
 }
 
 FIXED_DATE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
