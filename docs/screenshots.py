@@ -294,6 +294,9 @@ def capture(shooter: Shooter) -> None:
         page.goto(f"{url}/account/apikeys")
         shooter.shot(page, language, "apikeys", role="signer 佐藤 花子",
                      steps="open /account/apikeys")
+        page.goto(f"{url}/account/password")
+        shooter.shot(page, language, "password", role="signer 佐藤 花子",
+                     steps="click one's name in the header: /account/password", full_page=False)
         page.goto(f"{url}/sign")
 
     shooter.both(page, signer)
