@@ -180,6 +180,41 @@ def test_qr_data_layout_equals_qrcode_s_for_every_mask() -> None:
             assert qr.modules == expected, (data, test, pattern)
 
 
+def test_qr_codewords_are_qrcode_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bits and error correction codewords of every input, every version it fits and every
+    level, with koin's BitBuffer.put and create_bytes against qrcode's own."""
+    import qrcode
+    from qrcode import util as qr_util
+
+    from signer import _qr_codewords
+
+    assert qr_util.BitBuffer.put is _qr_codewords.put  # installed
+    assert qr_util.create_bytes is _qr_codewords.create_bytes
+    compared = set()
+    for data, _level in _qr_inputs():
+        for level in range(4):
+            fitted = qrcode.QRCode(error_correction=level)
+            fitted.add_data(data)
+            fitted.best_fit(start=None)
+            for version in range(fitted.version, min(fitted.version + 3, 41)):
+                fast = qr_util.create_data(version, level, fitted.data_list)
+                with monkeypatch.context() as original:
+                    original.setattr(qr_util.BitBuffer, "put", _speedups._original_bit_buffer_put)
+                    original.setattr(qr_util, "create_bytes", _speedups._original_create_bytes)
+                    slow = qr_util.create_data(version, level, fitted.data_list)
+                assert fast == slow, (data, version, level)
+                compared.add((version, level))
+    # odd lengths of put, and values wider than their length (qrcode keeps the low bits)
+    for value, length in [(0b1011, 4), (0x1FF, 9), (0xABCDE, 13), (5, 1), (0, 7), (2**40, 3)]:
+        fast_buffer, slow_buffer = qr_util.BitBuffer(), qr_util.BitBuffer()
+        for buffer, put in [(fast_buffer, _qr_codewords.put),
+                            (slow_buffer, _speedups._original_bit_buffer_put)]:
+            put(buffer, 0b101, 3)
+            put(buffer, value, length)
+        assert (fast_buffer.buffer, len(fast_buffer)) == (slow_buffer.buffer, len(slow_buffer))
+    assert len(compared) > 60 and max(v for v, _ in compared) >= 20
+
+
 def test_certificates_of_a_signature_are_pyhanko_s(
     installation: Installation, permit_pdf: bytes
 ) -> None:
