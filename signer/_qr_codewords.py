@@ -7,6 +7,8 @@ correction, where ``Polynomial.__mod__`` divides recursively with a new list per
 
 - :func:`put` appends a value's bits a byte at a time, in the same layout (most significant
   bit first, the last byte filled from the left).
+- :func:`render_command_stream` draws the symbol into the stamp with one rectangle per run of
+  dark modules in a row (pyHanko draws one per module: about 580 for a verify URL).
 - :func:`create_bytes` computes each block's error correction codewords as the remainder of a
   linear-feedback shift register over GF(256) kept in one integer: per data byte one table
   look-up (the generator polynomial times that byte, tabled once per codeword count), a shift
@@ -19,10 +21,13 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from pyhanko.pdf_utils.qr import PdfStreamQRImage
 from qrcode import LUT
 from qrcode import base as qr_base
 
-__all__ = ["create_bytes", "put"]
+_original_render_command_stream = PdfStreamQRImage.render_command_stream
+
+__all__ = ["create_bytes", "put", "render_command_stream"]
 
 
 def put(buffer: Any, num: int, length: int) -> None:
@@ -96,3 +101,27 @@ def create_bytes(buffer: Any, rs_blocks: list[Any]) -> list[int]:
         for i in range(longest):
             codewords.extend(b[i] for b in blocks if i < len(b))
     return codewords
+
+
+def render_command_stream(image: Any) -> bytes:
+    """pyHanko's ``PdfStreamQRImage.render_command_stream`` with each horizontal run of dark
+    modules as one rectangle (``x y w 1 re``) instead of one per module: the same area filled
+    (no hairline seams between neighbours either), a third of the rectangles, and a shorter
+    stream to compress. Subclasses that draw modules their own way (pyHanko's fancy QR) keep
+    pyHanko's rendering."""
+    if type(image).append_single_rect is not PdfStreamQRImage.append_single_rect:
+        return bytes(_original_render_command_stream(image))
+    commands = [image.setup_drawing_area()]
+    run_row = run_col = -1
+    run_length = 0
+    for row, col in sorted(image._img):
+        if row == run_row and col == run_col + run_length:
+            run_length += 1
+            continue
+        if run_length:
+            commands.append(b"%d %d %d 1 re" % (run_col, run_row, run_length))
+        run_row, run_col, run_length = row, col, 1
+    if run_length:
+        commands.append(b"%d %d %d 1 re" % (run_col, run_row, run_length))
+    commands.append(b"f")
+    return b"\n".join(commands)

@@ -44,6 +44,7 @@ from typing import Any
 
 from asn1crypto import x509 as asn1_x509
 from pyhanko.pdf_utils import generic
+from pyhanko.pdf_utils.qr import PdfStreamQRImage
 from pyhanko.sign import general as sign_general
 from qrcode import main as qr_main
 from qrcode import util as qr_util
@@ -193,6 +194,9 @@ def install() -> None:
     qr_main.QRCode.map_data = _qr_masks.map_data
     qr_util.BitBuffer.put = _qr_codewords.put
     qr_util.create_bytes = _qr_codewords.create_bytes
+    PdfStreamQRImage.render_command_stream = (  # type: ignore[method-assign]
+        _qr_codewords.render_command_stream
+    )
     # pyHanko's validation modules import the function by name: replace it there too.
     from pyhanko.sign.validation import ades, dss, generic_cms
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import string
 
 import pytest
@@ -213,6 +214,40 @@ def test_qr_codewords_are_qrcode_s(monkeypatch: pytest.MonkeyPatch) -> None:
             put(buffer, value, length)
         assert (fast_buffer.buffer, len(fast_buffer)) == (slow_buffer.buffer, len(slow_buffer))
     assert len(compared) > 60 and max(v for v, _ in compared) >= 20
+
+
+def _filled_cells(stream: bytes) -> set[tuple[int, int]]:
+    cells = set()
+    for x, y, width, height in re.findall(rb"(\d+) (\d+) (\d+) (\d+) re", stream):
+        for dx in range(int(width)):
+            for dy in range(int(height)):
+                cells.add((int(x) + dx, int(y) + dy))
+    return cells
+
+
+def test_qr_image_fills_the_same_modules_as_pyhanko_s() -> None:
+    """One rectangle per run of dark modules: the same cells as pyHanko's one per module, the
+    same drawing set-up, fewer rectangles; pyHanko's fancy QR keeps its own drawing."""
+    import qrcode
+    from pyhanko.pdf_utils.qr import PdfFancyQRImage, PdfStreamQRImage
+
+    from signer import _qr_codewords
+
+    assert PdfStreamQRImage.render_command_stream is _qr_codewords.render_command_stream
+    for data, level in _qr_inputs():
+        qr = qrcode.QRCode(error_correction=level)
+        qr.add_data(data)
+        qr.make()
+        image = qr.make_image(image_factory=PdfStreamQRImage)
+        fast = image.render_command_stream()
+        slow = _qr_codewords._original_render_command_stream(image)
+        assert fast.split(b"\n")[:2] == slow.split(b"\n")[:2] and fast.endswith(b"\nf")
+        assert _filled_cells(fast) == _filled_cells(slow) != set(), data
+        assert fast.count(b" re") < slow.count(b" re") * 0.6
+        fancy = qr.make_image(image_factory=PdfFancyQRImage, version=qr.version)
+        # its modules (rounded squares) come from pyHanko's drawing, before its own patterns
+        assert fancy.render_command_stream().startswith(
+            _qr_codewords._original_render_command_stream(fancy) + b"\n")
 
 
 def test_certificates_of_a_signature_are_pyhanko_s(
