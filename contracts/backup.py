@@ -1049,16 +1049,23 @@ def restore_backup(
         if not home_empty:  # only with force
             replaced = _move_aside(home, now or utcnow())
             say(f"moved the installation in {home} aside to {replaced}")
-            # a SQLite database inside KOIN_HOME went along: nothing left to drop
-            database_empty = target_is_empty(home, database_url)[1]
         try:
+            if replaced is not None:
+                # a SQLite database inside KOIN_HOME went along: nothing left to drop
+                database_empty = target_is_empty(home, database_url)[1]
             counts = _restore_into(source, manifest, opened, home, database_url, database_empty)
-        except ContractsError as exc:
+        except Exception as exc:  # whatever stops it: the operator must learn where it went
             if replaced is None:
                 raise
+            if isinstance(exc, ContractsError):
+                reason, reason_en = exc.message, exc.message_en or exc.message
+            else:
+                detail = (str(exc).splitlines() or [""])[0][:300]
+                reason = f"復元できませんでした({exc.__class__.__name__}: {detail})。"
+                reason_en = f"The restore failed ({exc.__class__.__name__}: {detail})."
             raise BackupError(
-                f"{exc.message} 以前のインストールは {replaced} に移してあります。",
-                f"{exc.message_en} The previous installation was moved to {replaced}.",
+                f"{reason} 以前のインストールは {replaced} に移してあります。",
+                f"{reason_en} The previous installation was moved to {replaced}.",
             ) from exc
         say(f"loaded {sum(counts.values())} rows at revision {revision}")
     return RestoreReport(

@@ -747,3 +747,31 @@ def test_a_forced_restore_moves_aside_inside_the_home_or_refuses(
     assert not (target / "keys" / "other-installation.pem").exists()
     assert (inside / "koin.db").exists()
     assert _all_rows(target_url) == _all_rows(url)
+
+
+def test_a_forced_restore_that_fails_later_says_where_the_old_installation_went(
+    sqlite_source: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only koin's own errors: whatever stops the restore after the move names the folder
+    that holds the old installation."""
+    import contracts.backup as backup
+
+    home, url = sqlite_source
+    archive = tmp_path / "b.tar.gz"
+    assert _koin(home, url, "backup", str(archive)).returncode == 0
+    target = tmp_path / "target"
+    shutil.copytree(home, target)
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(backup, "_restore_into", disk_full)
+    with pytest.raises(backup.BackupError) as failed:
+        backup.restore_backup(archive, target, f"sqlite:///{target}/koin.db",
+                              passphrase=PASSPHRASE.encode(), force=True)
+    [aside] = tmp_path.glob("target.replaced-*")
+    assert failed.value.message_en == (
+        "The restore failed (OSError: [Errno 28] No space left on device). "
+        f"The previous installation was moved to {aside}.")
+    assert f"{aside} に移してあります" in failed.value.message
+    assert (aside / "koin.db").exists() and _files(aside) == _files(home)
