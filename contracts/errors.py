@@ -130,6 +130,11 @@ class AccountLocked(AccountError):
         )
         self.locked_until = locked_until
 
+    def seconds_left(self, now: dt.datetime | None = None) -> int:
+        """Whole seconds until the lock ends, at least 1 (for ``Retry-After``)."""
+        moment = now or dt.datetime.now(dt.UTC)
+        return max(1, int((self.locked_until - moment).total_seconds()))
+
 
 class AccountDisabled(AccountError):
     """The password is right, but the account has been switched off by an administrator.

@@ -11,7 +11,6 @@ with the web tier's ``/metrics``: scraping both would count them twice.
 
 from __future__ import annotations
 
-import hmac
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -24,6 +23,8 @@ from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 
 from contracts.metrics import MULTIPROC_ENV
 from keys import KoinError
+
+from .metrics import scraper_allowed
 
 __all__ = ["serve_worker_metrics"]
 
@@ -38,13 +39,10 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def _with_token(app: Callable[..., Iterable[bytes]], token: str | None) -> Callable[..., Any]:
-    if not token:
-        return app
-    expected = f"Bearer {token}".encode()
+    """The web tier's rule for scrapers (:func:`web.metrics.scraper_allowed`) around ``app``."""
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
-        if not hmac.compare_digest(given, expected):
+        if not scraper_allowed(environ.get("HTTP_AUTHORIZATION", ""), token):
             start_response("401 Unauthorized", [
                 ("Content-Type", "text/plain; charset=utf-8"),
                 ("WWW-Authenticate", 'Bearer realm="koin metrics"'),

@@ -79,8 +79,7 @@ def password_change() -> Response | tuple[str, int] | tuple[str, int, dict[str, 
             contracts.change_password(db, account, current, new)
     except contracts.AccountLocked as exc:
         page, status = _page(429, localized(exc.message, exc.message_en))
-        seconds = max(1, int((exc.locked_until - contracts.utcnow()).total_seconds()))
-        return page, status, {"Retry-After": str(seconds)}
+        return page, status, {"Retry-After": str(exc.seconds_left())}
     except contracts.WrongCurrentPassword as exc:
         return _page(401, localized(exc.message, exc.message_en), "current_password")
     except AccountError as exc:

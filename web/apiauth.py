@@ -13,7 +13,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-from flask import Response, current_app, g, request
+from flask import Flask, Response, g, request
 
 import contracts
 from contracts.apikeys import ApiScope
@@ -30,12 +30,13 @@ DEFAULT_RATE = 10.0
 DEFAULT_BURST = 20
 
 
+def _configured(app: Flask) -> tuple[float, int]:
+    return (float(app.config.get("KOIN_API_RATE", DEFAULT_RATE)),
+            int(app.config.get("KOIN_API_BURST", DEFAULT_BURST)))
+
+
 def _limiter() -> RateLimiter:
-    return limiter(
-        "api_key",
-        float(current_app.config.get("KOIN_API_RATE", DEFAULT_RATE)),
-        int(current_app.config.get("KOIN_API_BURST", DEFAULT_BURST)),
-    )
+    return limiter("api_key", _configured)
 
 
 def _unauthorized(message: str, message_en: str) -> tuple[Response, int]:

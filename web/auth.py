@@ -308,7 +308,7 @@ def login_submit() -> Response | tuple[str, int] | tuple[str, int, dict[str, str
             )
     except contracts.AccountLocked as exc:
         page, status = _login_page(429, exc, next_url)
-        wait = max(1, int((exc.locked_until - contracts.utcnow()).total_seconds()))
+        wait = exc.seconds_left()
         return page, status, {"Retry-After": str(wait)}
     except AccountError as exc:
         return _login_page(401, exc, next_url)

@@ -629,20 +629,16 @@ def users_reset_password(settings: Settings, email: str) -> None:
     import contracts
 
     _upgrade_database(settings)
-    engine = contracts.make_engine(_database_url(settings))
-    try:
-        with contracts.session_scope(contracts.make_session_factory(engine)) as session:
-            user = contracts.get_user_by_email(session, email)
-            if user is None:
-                raise KoinError(
-                    f"アカウント {email} はありません。", f"There is no account {email}.",
-                    email=email,
-                )
-            password = contracts.generate_password()
-            contracts.set_password(session, user, password)
-            address = user.email
-    finally:
-        engine.dispose()
+    with _sessions(settings) as sessions, contracts.session_scope(sessions) as session:
+        user = contracts.get_user_by_email(session, email)
+        if user is None:
+            raise KoinError(
+                f"アカウント {email} はありません。", f"There is no account {email}.",
+                email=email,
+            )
+        password = contracts.generate_password()
+        contracts.set_password(session, user, password)
+        address = user.email
     click.echo(settings.in_language(
         f"パスワードを再発行しました: {address}", f"Issued a new password: {address}"
     ))

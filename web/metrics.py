@@ -38,7 +38,7 @@ import contracts
 from contracts.metrics import MULTIPROC_ENV
 from contracts.operations import operation_figures
 
-__all__ = ["bp", "metrics_text"]
+__all__ = ["bp", "metrics_text", "scraper_allowed"]
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,21 @@ def metrics_text(app: Flask) -> bytes:
     return generate_latest(_Together(REGISTRY, gauges))
 
 
-def _authorized() -> bool:
-    token = str(current_app.config.get("KOIN_METRICS_TOKEN") or "")
+def scraper_allowed(authorization: str, token: str | None) -> bool:
+    """Whether a scrape with this ``Authorization`` header may read the metrics: any, without
+    a ``token``; else only ``Bearer <token>`` (compared in constant time)."""
     if not token:
         return True
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
+    scheme, _, value = authorization.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(
         value.strip().encode("utf-8"), token.encode("utf-8")
+    )
+
+
+def _authorized() -> bool:
+    return scraper_allowed(
+        request.headers.get("Authorization", ""),
+        str(current_app.config.get("KOIN_METRICS_TOKEN") or ""),
     )
 
 

@@ -124,6 +124,9 @@ class RedisTokenBucketLimiter:
     the process's own :class:`TokenBucketLimiter` counts while Redis cannot be reached."""
 
     def __init__(self, client: Any, prefix: str, rate: float, burst: int) -> None:
+        import redis
+
+        self._unreachable = redis.RedisError
         self.local = TokenBucketLimiter(rate, burst)
         self.rate = rate
         self.burst = burst
@@ -132,12 +135,10 @@ class RedisTokenBucketLimiter:
         self._warned_at = -_WARN_EVERY
 
     def take(self, key: str) -> float:
-        import redis
-
         name = f"{self._prefix}:{hashlib.sha256(key.encode('utf-8')).hexdigest()}"
         try:
             return float(self._take(keys=[name], args=[repr(self.rate), self.burst]))
-        except redis.RedisError as exc:
+        except self._unreachable as exc:
             now = time.monotonic()
             if now - self._warned_at >= _WARN_EVERY:
                 self._warned_at = now
@@ -174,13 +175,15 @@ def _installation_tag(app: Flask) -> str:
     return hashlib.sha256(b"koin rate limits\0" + secret.encode("utf-8")).hexdigest()[:16]
 
 
-def limiter(name: str, rate: float, burst: int) -> RateLimiter:
-    """The limiter ``name`` of the current app (made on first use, in the configured store)."""
+def limiter(name: str, rate_and_burst: Callable[[Flask], tuple[float, int]]) -> RateLimiter:
+    """The limiter ``name`` of the current app, made on first use in the configured store
+    with the rate and burst that ``rate_and_burst`` reads from the app (then never again)."""
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     limiters: dict[str, RateLimiter] = app.extensions.setdefault("koin_limiters", {})
     found = limiters.get(name)
     if found is not None:
         return found
+    rate, burst = rate_and_burst(app)
     store = check_store(app.config)
     made: RateLimiter
     if store == "memory":

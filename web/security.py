@@ -82,10 +82,11 @@ def client_address() -> str:
 
 
 def _limiter(name: str) -> RateLimiter:
-    configured = dict(DEFAULT_RATE_LIMITS)
-    configured.update(current_app.config.get("KOIN_RATE_LIMITS") or {})
-    rate, burst = configured[name]
-    return limiter(name, float(rate), int(burst))
+    def configured(app: Flask) -> tuple[float, int]:
+        rate, burst = {**DEFAULT_RATE_LIMITS, **(app.config.get("KOIN_RATE_LIMITS") or {})}[name]
+        return float(rate), int(burst)
+
+    return limiter(name, configured)
 
 
 def rate_limited(*checks: tuple[str, str]) -> int | None:
