@@ -131,3 +131,58 @@ def smtp_collector() -> Iterator[tuple[str, CollectedMail]]:
         yield f"smtp://127.0.0.1:{port}", collected
     finally:
         controller.stop()
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium under Playwright (a failure, never a skip, when it is missing).
+
+    Start it after the fixtures that sign or build PDFs: Playwright's sync API keeps an event
+    loop on this thread, and pyHanko's sync API calls asyncio.run.
+    """
+    import pytest
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed; run `bash .ci/setup`")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def served_with_staff(
+    koin_home: Path, folder: Path, password: str, staff: Iterable[tuple[str, str, str]]
+) -> Iterator[str]:
+    """``koin serve`` on a copy of ``koin_home`` (without its database) in ``folder``, with the
+    accounts ``(email, role, display name)`` made by ``koin users create``, all with
+    ``password``; yields its URL."""
+    import shutil
+
+    home = folder / "home"
+    shutil.copytree(koin_home, home, ignore=shutil.ignore_patterns("koin.db*"))
+    password_file = folder / "password"
+    password_file.write_text(password)
+    koin = Path(sys.executable).parent / "koin"
+    env = {"PATH": "/usr/bin:/bin", "KOIN_HOME": str(home)}
+    commands = [["db", "upgrade"]] + [
+        ["users", "create", email, "--role", role, "--name", name,
+         "--password-file", str(password_file)]
+        for email, role, name in staff
+    ]
+    for args in commands:
+        done = subprocess.run([str(koin), *args], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+    port = free_port()
+    with koin_process(home, "serve", "--port", str(port), port=port,
+                      env={"KOIN_PUBLIC_URL": f"http://127.0.0.1:{port}"}):
+        yield f"http://127.0.0.1:{port}"

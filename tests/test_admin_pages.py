@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.test import TestResponse
@@ -32,7 +29,7 @@ from contracts import (
 )
 from contracts.accounts import set_user_active
 from tests.conftest import PUBLIC_URL
-from tests.servers import free_port, koin_process
+from tests.servers import chromium, served_with_staff
 from tests.test_workflow import HANAKO, TARO
 from web import admin_views, create_app, services
 
@@ -41,7 +38,6 @@ PASSWORD = "correct horse battery staple"
 ADMIN = "kanri@pref.ibaraki.example"
 OFFICER = "keiyaku@pref.ibaraki.example"
 SIGNER = "hisho@pref.ibaraki.example"
-CHROMIUM = "/usr/bin/chromium"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 _PASSWORD = re.compile(r'<code id="new-password">([a-z2-9-]+)</code>')
 _ADMIN_GETS = ("/admin", "/admin/users", "/admin/audit")
@@ -380,34 +376,14 @@ def test_audit_search(
 
 @pytest.fixture
 def server(koin_home: Path, tmp_path: Path) -> Iterator[str]:
-    home = tmp_path / "home"
-    shutil.copytree(koin_home, home, ignore=shutil.ignore_patterns("koin.db*"))
-    password_file = tmp_path / "password"
-    password_file.write_text(PASSWORD)
-    koin = Path(sys.executable).parent / "koin"
-    env = {"PATH": "/usr/bin:/bin", "KOIN_HOME": str(home)}
-    for args in (["db", "upgrade"],
-                 ["users", "create", ADMIN, "--role", "admin", "--name", "管理 者",
-                  "--password-file", str(password_file)]):
-        done = subprocess.run([str(koin), *args], capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr
-    port = free_port()
-    with koin_process(home, "serve", "--port", str(port), port=port,
-                      env={"KOIN_PUBLIC_URL": f"http://127.0.0.1:{port}"}):
-        yield f"http://127.0.0.1:{port}"
+    with served_with_staff(koin_home, tmp_path, PASSWORD, [(ADMIN, "admin", "管理 者")]) as url:
+        yield url
 
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed; run `bash .ci/setup`")
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+    with chromium() as instance:
         yield instance
-        instance.close()
 
 
 def test_users_page_in_chromium(server: str, browser: Browser, tmp_path: Path) -> None:

@@ -20,14 +20,14 @@ import requests
 from asn1crypto import x509 as asn1_x509
 from flask import Flask
 from flask.testing import FlaskClient
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.test import TestResponse
 
 from contracts import ApiKey, User, create_api_key, create_user, session_scope
 from tests.conftest import PUBLIC_URL
-from tests.servers import free_port, koin_process
+from tests.servers import chromium, free_port, koin_process
 from tests.validators import pyhanko_status
 from web import create_app, services
 
@@ -36,7 +36,6 @@ PASSWORD = "correct horse battery staple"
 SIGNER = "hisho@pref.ibaraki.example"
 OFFICER = "keiyaku@pref.ibaraki.example"
 ADMIN = "admin@pref.ibaraki.example"
-CHROMIUM = "/usr/bin/chromium"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 _NEW_KEY = re.compile(r'<textarea id="new-key"[^>]*>(koin_[0-9a-f]{8}_[A-Za-z0-9_-]{43})<')
 _ANY_KEY = re.compile(r"koin_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
@@ -378,15 +377,8 @@ def server(koin_home: Path, tmp_path: Path) -> Iterator[str]:
 def browser(one_page_permit: bytes) -> Iterator[Browser]:
     # The PDF fixture is made first: Playwright's sync API keeps an event loop on this thread,
     # and pyHanko's sync API calls asyncio.run.
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed; run `bash .ci/setup`")
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+    with chromium() as instance:
         yield instance
-        instance.close()
 
 
 def _browser_login(page: Page, server: str, email: str) -> None:

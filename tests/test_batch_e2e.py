@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from asn1crypto import x509 as asn1_x509
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page
 from pyhanko.pdf_utils.reader import PdfFileReader
 
 from contracts import create_user, make_engine, make_session_factory, session_scope
@@ -28,10 +28,9 @@ from contracts.migrate import upgrade
 from signer import Installation
 from signer.samples import make_permit_pdf
 from tests.permits import numbered_copies
-from tests.servers import free_port, koin_process
+from tests.servers import chromium, free_port, koin_process
 from tests.validators import pyhanko_status
 
-CHROMIUM = "/usr/bin/chromium"
 SIGNER = "hisho@pref.ibaraki.example"
 PASSWORD = "correct-horse-battery-staple"
 COUNT = 20
@@ -78,15 +77,8 @@ def permits_zip(installation: Installation, tmp_path_factory: pytest.TempPathFac
 def browser(permits_zip: Path) -> Iterator[Browser]:
     # The PDFs are made first: Playwright's sync API keeps an event loop on this thread, and
     # pyHanko's sync API calls asyncio.run.
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed; run `bash .ci/setup`")
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+    with chromium() as instance:
         yield instance
-        instance.close()
 
 
 class Shots:

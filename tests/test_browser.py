@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from keys import Role
 from signer import Installation, SignOptions
-from tests.servers import free_port, koin_process
-
-CHROMIUM = "/usr/bin/chromium"
+from tests.servers import chromium, free_port, koin_process, served_with_staff
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +26,9 @@ def server(koin_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def browser(pdfs: dict[str, Path]) -> Iterator[Browser]:
-    # Playwright's sync API runs an event loop on this thread, and pyHanko's sync API calls
-    # asyncio.run: so the PDFs (``pdfs``) are made before the browser starts.
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed; run `bash .ci/setup`")
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+    # the PDFs (``pdfs``) are made before the browser starts (see tests.servers.chromium)
+    with chromium() as instance:
         yield instance
-        instance.close()
 
 
 @pytest.fixture
@@ -139,24 +127,10 @@ SIDEWAYS = "() => document.documentElement.scrollWidth - window.innerWidth"
 @pytest.fixture(scope="module")
 def staffed_server(koin_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A served KOIN_HOME with an administrator and a contract officer."""
-    folder = tmp_path_factory.mktemp("staffed")
-    home = folder / "home"
-    shutil.copytree(koin_home, home, ignore=shutil.ignore_patterns("koin.db*"))
-    password_file = folder / "password"
-    password_file.write_text(STAFF_PASSWORD)
-    koin = Path(sys.executable).parent / "koin"
-    env = {"PATH": "/usr/bin:/bin", "KOIN_HOME": str(home)}
-    for args in (["db", "upgrade"],
-                 ["users", "create", ADMIN, "--role", "admin", "--name", "管理 者",
-                  "--password-file", str(password_file)],
-                 ["users", "create", OFFICER, "--role", "officer", "--name", "契約 担当",
-                  "--password-file", str(password_file)]):
-        done = subprocess.run([str(koin), *args], capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr
-    port = free_port()
-    with koin_process(home, "serve", "--port", str(port), port=port,
-                      env={"KOIN_PUBLIC_URL": f"http://127.0.0.1:{port}"}):
-        yield f"http://127.0.0.1:{port}"
+    staff = [(ADMIN, "admin", "管理 者"), (OFFICER, "officer", "契約 担当")]
+    with served_with_staff(koin_home, tmp_path_factory.mktemp("staffed"), STAFF_PASSWORD,
+                           staff) as url:
+        yield url
 
 
 def _log_in(browser: Browser, server: str, email: str, viewport: dict[str, int]) -> Page:

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import requests
 from asn1crypto import x509 as asn1_x509
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
-from tests.servers import CollectedMail, free_port, koin_process, smtp_collector
+from tests.servers import CollectedMail, chromium, free_port, koin_process, smtp_collector
 from tests.validators import openssl, pdfsig, pdfsig_signatures, pyhanko_status
 
-CHROMIUM = "/usr/bin/chromium"
 OFFICER = "officer@pref.ibaraki.example"
 OFFICER_PASSWORD = "correct-horse-battery-staple"
 GOVERNOR_OFFICE = ("茨城 花子", "茨城県 土木部", "hanako@pref.ibaraki.example")
@@ -71,13 +70,8 @@ def service(
 def browser(permit_pdf: bytes) -> Iterator[Browser]:
     # The fixtures that sign or build PDFs run first: Playwright's sync API keeps an event loop
     # on this thread, and pyHanko's sync API calls asyncio.run.
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+    with chromium() as instance:
         yield instance
-        instance.close()
 
 
 def _phone(browser: Browser) -> Page:

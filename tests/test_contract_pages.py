@@ -688,45 +688,35 @@ def test_a_changed_stored_file_is_not_served(
 def test_add_party_button_in_chromium(
     app: Flask, sessions: sessionmaker[Session], permit_pdf: bytes, tmp_path: Path
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
-    from tests.servers import wsgi_server
-    from tests.test_browser import CHROMIUM
+    from tests.servers import chromium, wsgi_server
 
     pdf = tmp_path / "契約書.pdf"
     pdf.write_bytes(permit_pdf)
-    with wsgi_server(app) as base, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            page = browser.new_page(viewport={"width": 390, "height": 844}, locale="ja-JP")
-            page.goto(f"{base}login?next=/contracts/new")
-            page.fill("input[name=email]", OFFICER)
-            page.fill("input[name=password]", PASSWORD)
-            page.click("#login-button")
-            page.wait_for_url("**/contracts/new")
-            assert page.locator("fieldset.party:visible").count() == 2
-            for _ in range(3):  # two hidden rows, then a new one
-                page.click("#add-party")
-            assert page.locator("fieldset.party:visible").count() == 5
-            assert page.locator("#party-4 legend .n").inner_text() == "5"
-            page.fill("input[name=title]", TITLE)
-            page.set_input_files("input[name=file]", str(pdf))
-            for index, party in enumerate(
-                [HANAKO, TARO, {**TARO, "name": "第三 者", "email": "third@example.jp"}]
-            ):
-                prefix = f"input[name=party-{index if index < 2 else 4}-"
-                page.fill(prefix + "name]", party["name"])
-                page.fill(prefix + "email]", party["email"])
-            page.select_option("select[name=party-0-role]", "prefecture")
-            page.select_option("select[name=party-0-identification]", "email_otp")
-            page.click("#create-button")
-            page.wait_for_selector("#access-codes")
-            assert page.locator("code.access-code").count() == 2
-            assert page.locator("#parties > li").count() == 3
-        finally:
-            browser.close()
+    with wsgi_server(app) as base, chromium() as browser:
+        page = browser.new_page(viewport={"width": 390, "height": 844}, locale="ja-JP")
+        page.goto(f"{base}login?next=/contracts/new")
+        page.fill("input[name=email]", OFFICER)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("#login-button")
+        page.wait_for_url("**/contracts/new")
+        assert page.locator("fieldset.party:visible").count() == 2
+        for _ in range(3):  # two hidden rows, then a new one
+            page.click("#add-party")
+        assert page.locator("fieldset.party:visible").count() == 5
+        assert page.locator("#party-4 legend .n").inner_text() == "5"
+        page.fill("input[name=title]", TITLE)
+        page.set_input_files("input[name=file]", str(pdf))
+        for index, party in enumerate(
+            [HANAKO, TARO, {**TARO, "name": "第三 者", "email": "third@example.jp"}]
+        ):
+            prefix = f"input[name=party-{index if index < 2 else 4}-"
+            page.fill(prefix + "name]", party["name"])
+            page.fill(prefix + "email]", party["email"])
+        page.select_option("select[name=party-0-role]", "prefecture")
+        page.select_option("select[name=party-0-identification]", "email_otp")
+        page.click("#create-button")
+        page.wait_for_selector("#access-codes")
+        assert page.locator("code.access-code").count() == 2
+        assert page.locator("#parties > li").count() == 3
     with sessions() as session:
         assert session.scalar(select(Party.name).where(Party.position == 3)) == "第三 者"

@@ -31,7 +31,6 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from flask import Flask
 from flask.testing import FlaskClient
-from playwright.sync_api import sync_playwright
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.routing import Rule
@@ -57,7 +56,7 @@ from contracts.templates import create_template
 from keys import Role
 from signer import Installation, SignOptions
 from tests.conftest import PUBLIC_URL
-from tests.servers import free_port, wait_for_port, wsgi_server
+from tests.servers import chromium, free_port, wait_for_port, wsgi_server
 from web import auth, create_app, security, services
 
 SECRET = "test-secret-key-0123456789abcdef-not-for-production"
@@ -548,14 +547,9 @@ def test_trusted_proxy_gives_the_client_address(world: World) -> None:
 def test_pages_work_under_the_policy_in_chromium(world: World, tmp_path: Path) -> None:
     """Chromium enforces the policy: the scripts of the verify page, the new-contract form,
     the API key page and a party's consent page run, and nothing is refused."""
-    chromium = "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        pytest.fail("Debian's chromium is not installed; run `bash .ci/setup`")
     _send_contract(world, TITLE + "(第3号)")
     token = _last_link(world.sessions, HANAKO.email)
-    with wsgi_server(world.app.wsgi_app) as base, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+    with wsgi_server(world.app.wsgi_app) as base, chromium() as browser:
         context = browser.new_context(viewport={"width": 390, "height": 844}, locale="ja-JP")
         context.add_init_script(
             "window.__violations = [];"
@@ -595,7 +589,6 @@ def test_pages_work_under_the_policy_in_chromium(world: World, tmp_path: Path) -
         page.screenshot(path=str(tmp_path / "party-review.png"), full_page=True)
         violations += page.evaluate("window.__violations")
         context.close()
-        browser.close()
     assert violations == [], violations
     assert not [m for m in console if "Content Security Policy" in m], console
 

@@ -1011,6 +1011,15 @@ def test_not_your_turn_and_states_are_checked(
             ip=None, user_agent=None, public_url=PUBLIC_URL))
 
 
+def _koin_env(
+    monkeypatch: pytest.MonkeyPatch, installation: Installation, db_url: str
+) -> None:
+    """The environment of a `koin` command on this installation and database."""
+    monkeypatch.setenv("KOIN_HOME", str(installation.home))
+    monkeypatch.setenv("KOIN_DATABASE_URL", db_url)
+    monkeypatch.setenv("KOIN_PUBLIC_URL", PUBLIC_URL)
+
+
 def test_cli_jobs_run_due(
     sessions: sessionmaker[Session],
     db_url: str,
@@ -1025,9 +1034,7 @@ def test_cli_jobs_run_due(
 
     contract_id = _create(sessions, installation, officer, permit_pdf)
     _all_consent(sessions, contract_id)
-    monkeypatch.setenv("KOIN_HOME", str(installation.home))
-    monkeypatch.setenv("KOIN_DATABASE_URL", db_url)
-    monkeypatch.setenv("KOIN_PUBLIC_URL", PUBLIC_URL)
+    _koin_env(monkeypatch, installation, db_url)
     monkeypatch.delenv("KOIN_LANG", raising=False)
     result = CliRunner().invoke(cli, ["jobs", "run-due"])
     assert result.exit_code == 0, result.output
@@ -1054,9 +1061,7 @@ def test_cli_jobs_run_due_reports_a_failure_in_the_language_of_koin_lang(
     _all_consent(sessions, broken)
     contract = _contract(sessions, broken)
     contract_file(installation.home, contract.original_path).write_bytes(permit_pdf + b"\n")
-    monkeypatch.setenv("KOIN_HOME", str(installation.home))
-    monkeypatch.setenv("KOIN_DATABASE_URL", db_url)
-    monkeypatch.setenv("KOIN_PUBLIC_URL", PUBLIC_URL)
+    _koin_env(monkeypatch, installation, db_url)
     english = CliRunner().invoke(cli, ["jobs", "run-due"], env={"KOIN_LANG": "en"})
     assert english.exit_code == 1
     assert english.stdout == "Reminders 0, expired 0, completed 0, failed 1\n"
